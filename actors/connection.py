@@ -1,0 +1,162 @@
+"""The client end of a link: message ids, replies, batched deletes, errors nobody awaited.
+
+One :class:`Connection` per (local worker, remote worker) pair. It is what pointers talk through
+and what a worker uses to reach its peers, so the leader and the workers share one mechanism.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+from typing import Any
+
+from actors.log import get_logger
+from actors.transport import Transport
+from protocol import (
+    Codec,
+    Command,
+    Delete,
+    Error,
+    Reply,
+    SyftError,
+    WireError,
+    WorkerLost,
+)
+from protocol.codec import Buffer
+
+
+class Connection:
+    """Sends messages to one worker and routes what comes back.
+
+    ``tell`` is fire and forget, ``ask`` returns a future for the reply. Unsolicited ERRORs (a
+    pipelined command failed) are kept by result id until a pointer asks for them; one dropped
+    without being asked is logged, the way asyncio reports an exception never retrieved.
+    """
+
+    def __init__(
+        self, local_id: str, remote_id: str, transport: Transport, codec: Codec | None = None
+    ) -> None:
+        self.local_id = local_id
+        self.remote_id = remote_id
+        self.transport = transport
+        self.codec = codec or Codec()
+        self.loop = asyncio.get_running_loop()
+        self.next_id = itertools.count(1).__next__
+        self.lost: SyftError | None = None
+        self.protocol_errors: collections.deque[SyftError] = collections.deque(maxlen=64)
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._failures: dict[int, SyftError] = {}
+        self._deletes: list[int] = []
+        self._flush_scheduled = False
+        self.log = get_logger(worker=local_id, peer=remote_id)
+        transport.start(self._on_frame, self._on_lost)
+
+    @property
+    def address(self) -> str:
+        return self.transport.address
+
+    # -- sending ----------------------------------------------------------------------------
+    def tell(self, message: Any) -> None:
+        """Send ``message`` without waiting for anything."""
+        if self.lost is not None:
+            raise self.lost
+        self.transport.write(self.codec.encode(message))
+
+    def command(self, result_id: int, op: str, args: list[Any], kwargs: dict[str, Any] | None) -> None:
+        """Pipeline one command; the hot path of every pointer operation."""
+        if self.lost is not None:
+            raise self.lost
+        message = Command(self.next_id(), self.local_id, result_id, op, args, kwargs)
+        self.transport.write(self.codec.encode(message))
+
+    def ask(self, message: Any) -> asyncio.Future[Any]:
+        """Send ``message`` and return a future for its reply (or its typed error)."""
+        future = self.loop.create_future()
+        if self.lost is not None:
+            future.set_exception(self.lost)
+            return future
+        self._pending[message.msg_id] = future
+        try:
+            self.transport.write(self.codec.encode(message))
+        except BaseException:
+            del self._pending[message.msg_id]
+            raise
+        return future
+
+    def request_frame(self, frame: Buffer, msg_id: int) -> asyncio.Future[Any]:
+        """Send a pre-built (possibly deliberately broken) frame and await the answer to
+        ``msg_id``: how tests and tools probe a worker's handling of bad input."""
+        future = self.loop.create_future()
+        self._pending[msg_id] = future
+        self.transport.write(frame)
+        return future
+
+    def release(self, obj_id: int) -> None:
+        """Free a remote object soon; deletes leave in one batch per turn of the event loop."""
+        failure = self._failures.pop(obj_id, None) if self._failures else None
+        if failure is not None:
+            self.log.error("remote error never retrieved", obj_id=obj_id, error=str(failure))
+        if self.lost is not None:
+            return
+        self._deletes.append(obj_id)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self.flush_deletes)
+
+    def flush_deletes(self) -> None:
+        self._flush_scheduled = False
+        if self._deletes and self.lost is None:
+            ids, self._deletes = self._deletes, []
+            self.tell(Delete(self.next_id(), self.local_id, ids))
+
+    def take_failure(self, obj_id: int) -> SyftError | None:
+        """The error already reported for ``obj_id``, if any (it counts as retrieved)."""
+        return self._failures.pop(obj_id, None) if self._failures else None
+
+    async def drain(self) -> None:
+        """Wait until what was sent has been handed to the worker (backpressure point)."""
+        self.flush_deletes()
+        await self.transport.drain()
+
+    async def close(self) -> None:
+        self.flush_deletes()
+        await self.transport.close()
+        self._on_lost(WorkerLost(f"connection to {self.remote_id} closed"))
+
+    # -- receiving --------------------------------------------------------------------------
+    def _on_frame(self, frame: Buffer) -> None:
+        try:
+            message = self.codec.decode(frame)
+        except SyftError as exc:
+            self.log.warning("undecodable frame from worker", error=str(exc))
+            self.protocol_errors.append(exc)
+            return
+        kind = type(message)
+        if kind is Reply:
+            future = self._pending.pop(message.in_reply_to, None)
+            if future is not None and not future.done():
+                future.set_result(message.value)
+        elif kind is Error:
+            error = WireError(
+                message.type_name, message.message, message.traceback, message.failed_id
+            ).to_exception()
+            future = self._pending.pop(message.in_reply_to, None) if message.in_reply_to else None
+            if future is not None:
+                if not future.done():
+                    future.set_exception(error)
+            elif type(message.failed_id) is int:
+                self._failures[message.failed_id] = error
+            else:
+                self.log.warning("worker reported an error", msg_id=message.in_reply_to, error=str(error))
+                self.protocol_errors.append(error)
+        else:
+            self.log.warning("unexpected message from worker", kind=kind.__name__, msg_id=message.msg_id)
+
+    def _on_lost(self, exc: BaseException) -> None:
+        if self.lost is None:
+            self.lost = exc if isinstance(exc, SyftError) else WorkerLost(f"lost {self.remote_id}: {exc}")
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(self.lost)

@@ -1,0 +1,43 @@
+"""The opt-in hook, in the spirit of the paper's ``hook.py``.
+
+``hook_torch()`` adds ``send``/``get``/``move`` to ``torch.Tensor`` and ``torch.nn.Module`` so
+scripts read like the paper (``x.send(bob)``, ``model.send(bob)``, ``await model.get()``).
+Nothing in aiosyft needs it; ``unhook_torch()`` takes it away again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from actors.api import get, move, send
+from actors.module import location_of
+
+_ADDED: list[tuple[type, str]] = []
+
+
+def _add(cls: type, name: str, value: Any) -> None:
+    if name in vars(cls):
+        raise RuntimeError(f"{cls.__name__}.{name} already exists; refusing to replace it")
+    setattr(cls, name, value)
+    _ADDED.append((cls, name))
+
+
+def hook_torch() -> None:
+    """Install the methods (idempotent)."""
+    if _ADDED:
+        return
+    _add(torch.Tensor, "send", send)
+    _add(nn.Module, "send", send)
+    _add(nn.Module, "get", get)
+    _add(nn.Module, "move", move)
+    _add(nn.Module, "location", property(location_of))
+
+
+def unhook_torch() -> None:
+    """Remove what :func:`hook_torch` added."""
+    while _ADDED:
+        cls, name = _ADDED.pop()
+        delattr(cls, name)

@@ -1,0 +1,118 @@
+"""Models on remote workers: the module stays here, its parameters live there.
+
+``send_module`` replaces every parameter and buffer of a ``torch.nn.Module`` by a pointer to a
+copy on the worker. The module's own ``forward`` then runs unchanged on this side, and each torch
+operation in it becomes a pipelined command on the worker, so any module whose forward is made of
+allowlisted operations trains remotely with no model code on the worker and nothing executable on
+the wire. ``loss.backward()`` and :class:`RemoteOptimizer` steps run where the parameters are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from actors.pointer import ObjectPointer, PointerTensor, call, send_tensor
+from protocol.allowlist import name_of
+
+if TYPE_CHECKING:
+    from actors.remote import RemoteWorker
+
+
+def _slots(module: nn.Module) -> Iterator[tuple[dict[str, Any], str]]:
+    """Every (dict, name) that holds a parameter or buffer, submodules included."""
+    for sub in module.modules():
+        for table in (sub._parameters, sub._buffers):
+            for name in table:
+                if table[name] is not None:
+                    yield table, name
+
+
+def send_module(module: nn.Module, worker: RemoteWorker) -> nn.Module:
+    """Place ``module``'s parameters and buffers on ``worker``; returns ``module``."""
+    sent: dict[int, PointerTensor] = {}  # tied weights stay tied
+    for table, name in _slots(module):
+        value = table[name]
+        if isinstance(value, ObjectPointer):
+            raise ValueError(f"{type(module).__name__}.{name} is already on {value.location.id}")
+        pointer = sent.get(id(value))
+        if pointer is None:
+            pointer = sent[id(value)] = send_tensor(value, worker)
+        table[name] = pointer
+    return module
+
+
+def module_pointers(module: nn.Module) -> list[PointerTensor]:
+    """The distinct pointers standing in for ``module``'s parameters and buffers."""
+    seen: dict[int, PointerTensor] = {}
+    for table, name in _slots(module):
+        value = table[name]
+        if isinstance(value, PointerTensor):
+            seen.setdefault(id(value), value)
+    return list(seen.values())
+
+
+def location_of(module: nn.Module) -> RemoteWorker | None:
+    """Where ``module``'s parameters are, or ``None`` if they are here."""
+    pointers = module_pointers(module)
+    return pointers[0].location if pointers else None
+
+
+def move_module(module: nn.Module, worker: RemoteWorker) -> nn.Module:
+    """Move the parameters worker to worker (the leader relays nothing); returns ``module``."""
+    for pointer in module_pointers(module):
+        pointer.move(worker)
+    return module
+
+
+async def get_module(module: nn.Module) -> nn.Module:
+    """Bring the parameters (with their gradients) back; returns ``module``, local again."""
+    pointers = module_pointers(module)
+    values = await asyncio.gather(*(p.get() for p in pointers))
+    fetched = {id(p): v for p, v in zip(pointers, values, strict=True)}
+    for table, name in _slots(module):
+        value = table[name]
+        if isinstance(value, PointerTensor):
+            table[name] = fetched[id(value)]
+    return module
+
+
+class RemoteOptimizer:
+    """A ``torch.optim`` optimizer that lives with the parameters it updates.
+
+    Built lazily on the parameters' worker; if the parameters move, it is rebuilt where they went
+    (the optimizer's own state, such as momentum buffers, does not follow them).
+    """
+
+    def __init__(
+        self, optimizer_cls: type[torch.optim.Optimizer], params: Iterable[Any], **hyper: Any
+    ) -> None:
+        self._op = name_of(optimizer_cls)  # raises CommandNotAllowed for unknown optimizers
+        self.params = list(params)
+        if not self.params or not all(isinstance(p, PointerTensor) for p in self.params):
+            raise TypeError("RemoteOptimizer needs the pointer parameters of a sent module")
+        self.hyper = hyper
+        self._remote: ObjectPointer | None = None
+        self._built_for: tuple[Any, ...] = ()
+
+    def _handle(self) -> ObjectPointer:
+        location = self.params[0].location
+        key = (location, *(p.id for p in self.params))
+        if self._remote is None or key != self._built_for:
+            if any(p.location is not location for p in self.params):
+                raise ValueError("the parameters of one optimizer must live on one worker")
+            self._remote = call(location, self._op, [self.params], self.hyper, ObjectPointer)
+            self._built_for = key
+        return self._remote
+
+    def zero_grad(self, set_to_none: bool = True) -> ObjectPointer:
+        handle = self._handle()
+        return call(handle.location, "Optimizer.zero_grad", [handle, set_to_none], None, ObjectPointer)
+
+    def step(self) -> ObjectPointer:
+        handle = self._handle()
+        return call(handle.location, "Optimizer.step", [handle], None, ObjectPointer)

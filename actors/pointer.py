@@ -1,0 +1,301 @@
+"""Pointers: futures of objects that live on another worker.
+
+An operation on a :class:`PointerTensor` sends one COMMAND naming a fresh result id and returns a
+pointer to that id at once (promise pipelining): ``(x + 1).sum()`` costs two messages and no
+waiting. ``await ptr`` resolves when the result exists and raises the remote error if it (or
+anything it was computed from) failed; ``await ptr.get()`` brings the value home. Dropping the last
+reference frees the remote object, in batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Self
+
+import msgpack
+import torch
+
+from protocol import (
+    Expect,
+    Forward,
+    Get,
+    GetMode,
+    PointerNotResolved,
+    Store,
+    ref_ext,
+)
+from protocol.allowlist import COMMANDS, TENSOR_ATTRIBUTES, name_of
+
+if TYPE_CHECKING:
+    from actors.remote import RemoteWorker
+
+_random = random.Random(os.urandom(16))
+
+
+def new_object_id() -> int:
+    """A fresh object id: random, so that any sender can name objects without coordination."""
+    return _random.getrandbits(63) or 1
+
+
+class ObjectPointer:
+    """A pointer to any remote object (an optimizer, a tuple of results, a tensor)."""
+
+    __slots__ = ("location", "id", "_wire", "_released", "__weakref__")
+
+    def __init__(self, location: RemoteWorker, obj_id: int) -> None:
+        self.location = location
+        self.id = obj_id
+        self._wire: msgpack.ExtType | None = None
+        self._released = False
+
+    def __wire__(self) -> msgpack.ExtType:
+        wire = self._wire
+        if wire is None:
+            wire = self._wire = ref_ext(self.id)
+        return wire
+
+    def __del__(self) -> None:
+        if not self._released:
+            # At interpreter or loop shutdown there is nothing left to free.
+            with contextlib.suppress(Exception):
+                self.location.connection.release(self.id)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.location.id}:{self.id:#x}>"
+
+    def _check_live(self) -> None:
+        if self._released:
+            raise PointerNotResolved(f"{self!r} was already fetched with get(); it points nowhere")
+
+    def __await__(self) -> Any:
+        return self.resolve().__await__()
+
+    def resolve(self) -> Awaitable[Self]:
+        """Ask now whether the object exists; the awaitable gives this pointer back or raises."""
+        self._check_live()
+        connection = self.location.connection
+        connection.take_failure(self.id)  # the reply carries it again: mark it retrieved
+        future = connection.ask(Get(connection.next_id(), connection.local_id, self.id, GetMode.META))
+        return self._resolved(future)
+
+    async def _resolved(self, future: Awaitable[dict[str, Any]]) -> Self:
+        self._learn(await future)
+        return self
+
+    def _learn(self, meta: dict[str, Any]) -> None:
+        """Record what resolution told (tensors keep shape and dtype)."""
+
+    def get(self) -> Awaitable[Any]:
+        """Fetch the value and free it remotely. The request leaves now, after every command
+        already sent through this pointer's worker."""
+        self._check_live()
+        connection = self.location.connection
+        connection.take_failure(self.id)
+        future = connection.ask(Get(connection.next_id(), connection.local_id, self.id, GetMode.RELEASE))
+        self._released = True
+        return future
+
+    def fetch(self) -> Awaitable[Any]:
+        """Fetch a copy of the value; the remote object stays."""
+        self._check_live()
+        connection = self.location.connection
+        return connection.ask(Get(connection.next_id(), connection.local_id, self.id, GetMode.COPY))
+
+    def move(self, destination: RemoteWorker) -> Self:
+        """Move the object to ``destination``, worker to worker; this pointer follows it.
+
+        Nothing is awaited: commands sent afterwards to ``destination`` that use the object wait
+        on that worker until it has arrived.
+        """
+        self._check_live()
+        source = self.location
+        if destination is source:
+            return self
+        new_id = new_object_id()
+        there = destination.connection
+        there.tell(Expect(there.next_id(), there.local_id, [new_id], source.id))
+        here = source.connection
+        here.tell(
+            Forward(here.next_id(), here.local_id, self.id, destination.id, destination.address, new_id)
+        )
+        self.location = destination
+        self.id = new_id
+        self._wire = None
+        return self
+
+
+def call(
+    location: RemoteWorker,
+    op: str,
+    args: list[Any],
+    kwargs: dict[str, Any] | None = None,
+    result: type[ObjectPointer] | None = None,
+) -> Any:
+    """Pipeline ``op`` on ``location`` and return a pointer to its future result."""
+    for arg in args:
+        if isinstance(arg, ObjectPointer) and arg.location is not location:
+            raise ValueError(f"{arg!r} lives on {arg.location.id}, not {location.id}: move it there first")
+    result_id = new_object_id()
+    location.connection.command(result_id, op, args, kwargs)
+    return (result or PointerTensor)(location, result_id)
+
+
+def _location_of(args: Any, kwargs: dict[str, Any] | None) -> RemoteWorker:
+    stack = [args, list(kwargs.values()) if kwargs else ()]
+    while stack:
+        for item in stack.pop():
+            if isinstance(item, ObjectPointer):
+                return item.location
+            if isinstance(item, list | tuple):
+                stack.append(item)
+    raise TypeError("no pointer among the arguments")
+
+
+class PointerTensor(ObjectPointer):
+    """A tensor on a remote worker, used like a tensor.
+
+    Every allowlisted ``torch.Tensor`` method and operator is available and returns a new pointer
+    at once; ``torch.*`` and ``torch.nn.functional`` calls reach it through
+    ``__torch_function__``. ``shape``, ``dtype`` and ``requires_grad`` are known once the pointer
+    is resolved (``await ptr``), or at once for a tensor that was sent.
+    """
+
+    __slots__ = ("_meta",)
+
+    def __init__(self, location: RemoteWorker, obj_id: int, meta: dict[str, Any] | None = None) -> None:
+        super().__init__(location, obj_id)
+        self._meta = meta
+
+    def _learn(self, meta: dict[str, Any]) -> None:
+        self._meta = meta
+
+    def _metadata(self, key: str) -> Any:
+        meta = self._meta
+        if meta is None or key not in meta:
+            raise PointerNotResolved(f"{key} of {self!r} is known once it is resolved: await it first")
+        return meta[key]
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self._metadata("shape"))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._metadata("dtype")
+
+    @property
+    def requires_grad(self) -> bool:
+        return bool(self._metadata("requires_grad"))
+
+    @property
+    def ndim(self) -> int:
+        return len(self._metadata("shape"))
+
+    def size(self, dim: int | None = None) -> Any:
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self) -> int:
+        return self.ndim
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def __len__(self) -> int:
+        shape = self._metadata("shape")
+        if not shape:
+            raise TypeError("len() of a 0-d tensor")
+        return int(shape[0])
+
+    def __repr__(self) -> str:
+        meta = self._meta
+        detail = f" shape={tuple(meta['shape'])} dtype={meta['dtype']}" if meta and "shape" in meta else ""
+        return f"<PointerTensor {self.location.id}:{self.id:#x}{detail}>"
+
+    def __bool__(self) -> bool:
+        raise TypeError("a remote tensor has no truth value here: use `await ptr.get()` first")
+
+    def __iter__(self) -> Any:
+        raise TypeError("iterating a remote tensor would need its value: index it or get() it")
+
+    __hash__ = object.__hash__
+
+    def __getitem__(self, key: Any) -> PointerTensor:
+        # ``getitem`` also indexes the tuples that multi-output ops (max, sort, topk) return.
+        return call(self.location, "getitem", [self, key])
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        call(self.location, "Tensor.__setitem__", [self, key, value])
+
+    @property
+    def grad(self) -> PointerTensor:
+        return call(self.location, "Tensor.grad", [self])
+
+    @grad.setter
+    def grad(self, value: Any) -> None:
+        call(self.location, "Tensor.set_grad", [self, value])
+
+    def copy(self) -> PointerTensor:
+        """A new, independent remote object with the same value, on the same worker."""
+        return call(self.location, "Tensor.clone", [self])
+
+    @classmethod
+    def __torch_function__(
+        cls, func: Callable[..., Any], types: Any, args: Any = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        return call(_location_of(args, kwargs), name_of(func), list(args), kwargs or None)
+
+
+def _remote_method(op: str, name: str) -> Callable[..., PointerTensor]:
+    def method(self: PointerTensor, *args: Any, **kwargs: Any) -> PointerTensor:
+        return call(self.location, op, [self, *args], kwargs or None)
+
+    method.__name__ = name
+    method.__qualname__ = f"PointerTensor.{name}"
+    method.__doc__ = f"Remote ``torch.Tensor.{name}``: returns a pointer at once."
+    return method
+
+
+def _remote_attribute(op: str, name: str) -> property:
+    def read(self: PointerTensor) -> PointerTensor:
+        return call(self.location, op, [self])
+
+    read.__doc__ = f"Pointer to the remote tensor's ``{name}``."
+    return property(read)
+
+
+def _install_tensor_methods() -> None:
+    local = {"shape", "dtype", "requires_grad", "ndim", "grad", "size", "dim", "numel"}
+    for op in COMMANDS:
+        if not op.startswith("Tensor."):
+            continue
+        name = op.removeprefix("Tensor.")
+        if name in local or name in ("__getitem__", "__setitem__", "set_grad", "clone"):
+            continue
+        if name in TENSOR_ATTRIBUTES:
+            setattr(PointerTensor, name, _remote_attribute(op, name))
+        elif name.startswith("__") or not hasattr(PointerTensor, name):
+            setattr(PointerTensor, name, _remote_method(op, name))
+    PointerTensor.clone = _remote_method("Tensor.clone", "clone")  # type: ignore[attr-defined]
+    PointerTensor.__hash__ = object.__hash__  # type: ignore[assignment] # __eq__ is remote
+
+
+_install_tensor_methods()
+
+
+def send_tensor(tensor: torch.Tensor, worker: RemoteWorker) -> PointerTensor:
+    """Send a copy of ``tensor`` to ``worker``; the pointer knows its shape and dtype at once."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"expected a tensor, got {type(tensor).__name__}")
+    connection = worker.connection
+    obj_id = new_object_id()
+    connection.tell(Store(connection.next_id(), connection.local_id, obj_id, tensor))
+    meta = {
+        "type": "Tensor",
+        "shape": tuple(tensor.shape),
+        "dtype": tensor.dtype,
+        "requires_grad": tensor.requires_grad,
+    }
+    return PointerTensor(worker, obj_id, meta)

@@ -1,0 +1,103 @@
+"""The object store a worker keeps: values by id, who owns each, and what is still on its way."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any
+
+from protocol import ObjectNotFound, WireError
+
+
+class Failure:
+    """Stands in the store where a command failed, so every command using it fails alike."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: WireError) -> None:
+        self.error = error
+
+    def __repr__(self) -> str:
+        return f"Failure({self.error!r})"
+
+
+class Awaiting(Exception):
+    """Raised by a lookup of an object that is announced but has not arrived yet."""
+
+    def __init__(self, obj_id: int, arrival: asyncio.Future[None]) -> None:
+        super().__init__(obj_id)
+        self.obj_id = obj_id
+        self.arrival = arrival
+
+
+_MISSING: Any = object()
+
+
+class ObjectStore:
+    """Objects by id, their owners, and futures for objects announced by EXPECT.
+
+    Owners are recorded for every object so that per-object permissions (the owner decides what
+    leaves a worker) can be enforced here later without touching the handlers.
+    """
+
+    __slots__ = ("objects", "owners", "arrivals")
+
+    def __init__(self) -> None:
+        self.objects: dict[int, Any] = {}
+        self.owners: dict[int, str] = {}
+        self.arrivals: dict[int, asyncio.Future[None]] = {}
+
+    def __len__(self) -> int:
+        return len(self.objects)
+
+    def __contains__(self, obj_id: int) -> bool:
+        return obj_id in self.objects
+
+    def put(self, obj_id: int, value: Any, owner: str) -> None:
+        self.objects[obj_id] = value
+        self.owners[obj_id] = owner
+        if self.arrivals:
+            arrival = self.arrivals.pop(obj_id, None)
+            if arrival is not None and not arrival.done():
+                arrival.set_result(None)
+
+    def get(self, obj_id: int) -> Any:
+        """The value (possibly a :class:`Failure`); :class:`Awaiting` if it is still coming."""
+        value = self.objects.get(obj_id, _MISSING)
+        if value is _MISSING:
+            raise self.missing(obj_id)
+        return value
+
+    def missing(self, obj_id: Any) -> Exception:
+        """The exception for a lookup that found nothing: wait for it, or it does not exist."""
+        arrival = self.arrivals.get(obj_id)
+        if arrival is not None:
+            return Awaiting(obj_id, arrival)
+        return ObjectNotFound(f"object {obj_id!r} not found")
+
+    def pop(self, obj_id: int) -> Any:
+        value = self.get(obj_id)
+        del self.objects[obj_id]
+        self.owners.pop(obj_id, None)
+        return value
+
+    def delete(self, obj_ids: Iterable[int]) -> None:
+        objects, owners = self.objects, self.owners
+        for obj_id in obj_ids:
+            if objects.pop(obj_id, _MISSING) is not _MISSING:
+                owners.pop(obj_id, None)
+            else:
+                arrival = self.arrivals.pop(obj_id, None)
+                if arrival is not None and not arrival.done():
+                    arrival.cancel()
+
+    def expect(self, obj_id: int) -> None:
+        if obj_id not in self.objects and obj_id not in self.arrivals:
+            self.arrivals[obj_id] = asyncio.get_running_loop().create_future()
+
+    def clear(self) -> None:
+        self.objects.clear()
+        self.owners.clear()
+        for arrival in self.arrivals.values():
+            arrival.cancel()
+        self.arrivals.clear()

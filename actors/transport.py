@@ -1,0 +1,58 @@
+"""What a transport is, and how a worker dials a peer by address.
+
+A transport carries frames to one worker, in order, and hands back the frames it answers with.
+``write`` never blocks, because pointer operations are synchronous (they return a new pointer at
+once): what cannot go out yet waits in the transport, and ``drain`` lets a producer wait for it.
+The same frames cross every transport, so a scenario that passes over one passes over all.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+
+from protocol.codec import Buffer
+
+FrameHandler = Callable[[Buffer], None]
+LossHandler = Callable[[BaseException], None]
+
+
+class Transport(abc.ABC):
+    """The client end of a link to one worker."""
+
+    #: How to reach the worker again (``virtual://bob``, ``ws://127.0.0.1:8777``).
+    address: str
+
+    @abc.abstractmethod
+    def start(self, on_frame: FrameHandler, on_lost: LossHandler) -> None:
+        """Begin delivering the worker's frames to ``on_frame``; ``on_lost`` when the link dies."""
+
+    @abc.abstractmethod
+    def write(self, frame: Buffer) -> None:
+        """Queue ``frame`` for the worker, after every frame written before it."""
+
+    @abc.abstractmethod
+    async def drain(self) -> None:
+        """Wait until frames written so far have been handed to the worker."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop; frames not yet handed over are dropped."""
+
+
+Dialer = Callable[[str, str], Transport]
+_DIALERS: dict[str, Dialer] = {}
+
+
+def register_dialer(scheme: str, dialer: Dialer) -> None:
+    """Make ``dial`` reach addresses ``scheme://...`` with ``dialer(address, local_id)``."""
+    _DIALERS[scheme] = dialer
+
+
+def dial(address: str, local_id: str) -> Transport:
+    """A transport to the worker at ``address``, speaking as ``local_id``."""
+    scheme, sep, _ = address.partition("://")
+    dialer = _DIALERS.get(scheme) if sep else None
+    if dialer is None:
+        raise ValueError(f"no transport for address {address!r} (known: {sorted(_DIALERS)})")
+    return dialer(address, local_id)

@@ -1,0 +1,375 @@
+"""The worker actor: a store of objects and one ordered mailbox per connected sender.
+
+Each sender (the leader, or a peer worker) gets a :class:`Session`: a bounded mailbox and a task
+that executes that sender's messages one at a time, in the order sent. That order is what makes
+pipelining safe (a command naming the result of the previous one always finds it). Handlers are
+synchronous and never wait for a remote reply; the one thing a session may wait for is an object
+that was announced (EXPECT) and is still travelling from a peer, and then only that sender's
+queue waits, so the peer's own session keeps running and delivers it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from actors.connection import Connection
+from actors.log import get_logger, tracing
+from actors.store import Awaiting, Failure, ObjectStore
+from actors.transport import dial
+from protocol import (
+    DEFAULT_MAX_FRAME,
+    PROTOCOL_VERSION,
+    BadArguments,
+    Codec,
+    Command,
+    Delete,
+    Error,
+    Expect,
+    Forward,
+    Get,
+    GetMode,
+    MalformedMessage,
+    ObjectNotFound,
+    ObjRef,
+    Ping,
+    ProtocolError,
+    Reply,
+    Store,
+    WireError,
+    WorkerLost,
+)
+from protocol.allowlist import COMMANDS, lookup
+from protocol.codec import Buffer
+
+#: Default mailbox bound per sender: enough to keep a pipeline full, small enough to bound memory.
+MAILBOX_SIZE = 1024
+
+
+class _DependencyFailed(Exception):
+    def __init__(self, failure: Failure) -> None:
+        self.failure = failure
+
+
+class Session:
+    """One sender's ordered mailbox on a worker, and the task that drains it."""
+
+    def __init__(
+        self, worker: Worker, peer_id: str, send: Callable[[Buffer], None], mailbox_size: int
+    ) -> None:
+        self.worker = worker
+        self.peer_id = peer_id
+        self.send = send
+        #: Called once when the session closes (the transport tells its client the worker is gone).
+        self.on_close: Callable[[], None] | None = None
+        self.mailbox: asyncio.Queue[Buffer] = asyncio.Queue(mailbox_size)
+        self.task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"aiosyft:{worker.id}<-{peer_id}"
+        )
+
+    async def _run(self) -> None:
+        worker = self.worker
+        mailbox = self.mailbox
+        trace = worker.log.debug if tracing() else None
+        while True:
+            frame = await mailbox.get()
+            message = worker.decode(self, frame)
+            if message is None:
+                continue
+            if trace is not None:
+                trace("message", msg_id=message.msg_id, kind=type(message).__name__, sender=message.sender)
+            while True:
+                try:
+                    worker.dispatch(self, message)
+                    break
+                except Awaiting as awaiting:
+                    await worker.wait_for_arrival(awaiting, message.sender)
+
+    def reply(self, in_reply_to: int, value: Any) -> None:
+        worker = self.worker
+        try:
+            frame = worker.codec.encode(Reply(worker.next_msg_id(), worker.id, in_reply_to, value))
+        except Exception as exc:  # the value cannot travel: say so instead of going silent
+            self.error(in_reply_to, WireError.from_exception(exc))
+            return
+        self.send(frame)
+
+    def error(self, in_reply_to: int, error: WireError) -> None:
+        worker = self.worker
+        message = Error(
+            worker.next_msg_id(),
+            worker.id,
+            in_reply_to,
+            error.type_name,
+            error.message,
+            error.traceback,
+            error.failed_id,
+        )
+        self.send(worker.codec.encode(message))
+
+    def close(self) -> None:
+        self.task.cancel()
+        self.worker.sessions.discard(self)
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close()
+
+
+class Worker:
+    """An actor that owns objects and runs allowlisted commands on them for its senders."""
+
+    def __init__(
+        self,
+        worker_id: str,
+        *,
+        address: str | None = None,
+        mailbox_size: int = MAILBOX_SIZE,
+        expect_timeout: float = 60.0,
+        max_frame_size: int = DEFAULT_MAX_FRAME,
+    ) -> None:
+        self.id = worker_id
+        self.address = address or f"virtual://{worker_id}"
+        self.mailbox_size = mailbox_size
+        self.expect_timeout = expect_timeout
+        self.store = ObjectStore()
+        self.codec = Codec(max_frame_size)
+        self.sessions: set[Session] = set()
+        self.peers: dict[str, Connection] = {}
+        self.started = time.monotonic()
+        self.log = get_logger(worker=worker_id)
+        self._msg_ids = iter(range(1, 1 << 62)).__next__
+        self._handlers: dict[type, Callable[[Session, Any], None]] = {
+            Command: self._on_command,
+            Store: self._on_store,
+            Get: self._on_get,
+            Delete: self._on_delete,
+            Forward: self._on_forward,
+            Expect: self._on_expect,
+            Ping: self._on_ping,
+        }
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.id} objects={len(self.store)}>"
+
+    def next_msg_id(self) -> int:
+        return self._msg_ids()
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def open_session(self, peer_id: str, send: Callable[[Buffer], None]) -> Session:
+        """A new mailbox for sender ``peer_id``; ``send`` carries replies back to it."""
+        session = Session(self, peer_id, send, self.mailbox_size)
+        self.sessions.add(session)
+        return session
+
+    async def on_start(self) -> None:
+        """Hook: runs before the worker serves (warm-up, loading data)."""
+
+    async def on_stop(self) -> None:
+        """Hook: runs when the worker stops."""
+
+    async def close(self) -> None:
+        await self.on_stop()
+        sessions = list(self.sessions)
+        for session in sessions:
+            session.close()
+        await asyncio.gather(*(s.task for s in sessions), return_exceptions=True)
+        for peer in list(self.peers.values()):
+            await peer.close()
+        self.peers.clear()
+        self.store.clear()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "objects": len(self.store),
+            "uptime": time.monotonic() - self.started,
+            "version": PROTOCOL_VERSION,
+            "sessions": len(self.sessions),
+        }
+
+    def peer(self, peer_id: str, address: str) -> Connection:
+        """The connection to another worker, dialled on first use (workers talk directly)."""
+        connection = self.peers.get(address)
+        if connection is None or connection.lost is not None:
+            connection = Connection(self.id, peer_id, dial(address, self.id), self.codec)
+            self.peers[address] = connection
+        return connection
+
+    # -- the per-message path ---------------------------------------------------------------
+    def decode(self, session: Session, frame: Buffer) -> Any:
+        try:
+            return self.codec.decode(frame)
+        except ProtocolError as exc:
+            self.log.warning("bad frame", sender=session.peer_id, msg_id=exc.msg_id, error=str(exc))
+            session.error(exc.msg_id or 0, WireError.from_exception(exc))
+            return None
+
+    def dispatch(self, session: Session, message: Any) -> None:
+        handler = self._handlers.get(type(message))
+        try:
+            if handler is None:
+                raise MalformedMessage(f"a worker does not accept {type(message).__name__} messages")
+            handler(session, message)
+        except Awaiting:
+            raise
+        except Exception as exc:  # a bad message costs its sender an error, never the worker
+            self.log.warning("message failed", sender=session.peer_id, msg_id=message.msg_id, error=repr(exc))
+            session.error(message.msg_id, WireError.from_exception(exc))
+
+    async def wait_for_arrival(self, awaiting: Awaiting, owner: str) -> None:
+        """Wait (bounded) for an announced object; if it never comes, it becomes a failure."""
+        try:
+            await asyncio.wait_for(asyncio.shield(awaiting.arrival), self.expect_timeout)
+        except TimeoutError:
+            error = WorkerLost(
+                f"object {awaiting.obj_id:#x} was announced but did not arrive within "
+                f"{self.expect_timeout:g} s"
+            )
+            self.store.put(awaiting.obj_id, Failure(WireError.from_exception(error, awaiting.obj_id)), owner)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            # The announced object was deleted before it came: the retry reports it missing.
+
+    def _on_command(self, session: Session, message: Command) -> None:
+        result_id = message.result_id
+        try:
+            op = message.op
+            fn = COMMANDS.get(op) if type(op) is str else None
+            if fn is None:
+                fn = lookup(op)  # raises CommandNotAllowed naming it
+            args = message.args
+            if type(args) is not list:
+                raise BadArguments(f"{op}: arguments must be a list")
+            self._resolve(args)
+            kwargs = message.kwargs
+            if kwargs:
+                if type(kwargs) is not dict:
+                    raise BadArguments(f"{op}: keyword arguments must be a map")
+                self._resolve_values(kwargs)
+                result = fn(*args, **kwargs)
+            else:
+                result = fn(*args)
+        except Awaiting:
+            raise
+        except _DependencyFailed as dependency:
+            result = dependency.failure
+        except Exception as exc:
+            error = WireError.from_exception(exc, result_id)
+            result = Failure(error)
+            if type(result_id) is int:
+                session.error(0, error)
+            else:
+                raise
+        if type(result_id) is not int:
+            raise MalformedMessage("a command's result id must be an integer")
+        self.store.put(result_id, result, message.sender)
+
+    def _resolve(self, args: list[Any]) -> None:
+        """Replace object references by the objects, in place (the list was just decoded)."""
+        objects = self.store.objects
+        for i, arg in enumerate(args):
+            kind = type(arg)
+            if kind is ObjRef:
+                value = objects.get(arg.id, _MISSING)
+                if value is _MISSING:
+                    raise self.store.missing(arg.id)
+                if type(value) is Failure:
+                    raise _DependencyFailed(value)
+                args[i] = value
+            elif kind is list:
+                self._resolve(arg)
+            elif kind is tuple:
+                items = list(arg)
+                self._resolve(items)
+                args[i] = tuple(items)
+            elif kind is dict:
+                self._resolve_values(arg)
+
+    def _resolve_values(self, mapping: dict[Any, Any]) -> None:
+        keys = list(mapping)
+        values = [mapping[k] for k in keys]
+        self._resolve(values)
+        mapping.update(zip(keys, values, strict=True))
+
+    def _lookup(self, obj_id: Any) -> Any:
+        if type(obj_id) is not int:
+            raise MalformedMessage(f"object ids are integers, got {type(obj_id).__name__}")
+        return self.store.get(obj_id)
+
+    def _on_store(self, session: Session, message: Store) -> None:
+        if type(message.obj_id) is not int:
+            raise MalformedMessage("STORE needs an integer object id")
+        obj = message.obj
+        if type(obj) is WireError:
+            obj = Failure(obj)
+        owner = message.owner if type(message.owner) is str else message.sender
+        self.store.put(message.obj_id, obj, owner)
+
+    def _on_get(self, session: Session, message: Get) -> None:
+        try:
+            value = self._lookup(message.obj_id)
+        except ObjectNotFound as exc:
+            session.error(message.msg_id, WireError.from_exception(exc))
+            return
+        mode = message.mode
+        if type(value) is Failure:
+            session.error(message.msg_id, value.error)
+        elif mode == GetMode.META:
+            session.reply(message.msg_id, describe(value))
+        elif mode in (GetMode.COPY, GetMode.RELEASE):
+            session.reply(message.msg_id, value)
+        else:
+            raise MalformedMessage(f"unknown GET mode {mode!r}")
+        if mode == GetMode.RELEASE:
+            self.store.delete((message.obj_id,))
+
+    def _on_delete(self, session: Session, message: Delete) -> None:
+        if type(message.obj_ids) is not list:
+            raise MalformedMessage("DELETE needs a list of object ids")
+        self.store.delete(message.obj_ids)
+
+    def _on_forward(self, session: Session, message: Forward) -> None:
+        try:
+            value = self._lookup(message.obj_id)
+        except ObjectNotFound as exc:
+            value = Failure(WireError.from_exception(exc, message.obj_id))
+        owner = self.store.owners.get(message.obj_id, message.sender)
+        peer = self.peer(message.dest_id, message.dest_address)
+        payload = value.error if type(value) is Failure else value
+        try:
+            peer.tell(Store(peer.next_id(), self.id, message.new_id, payload, owner))
+        except Exception as exc:  # unsendable value: the receiver learns it failed, no hang
+            error = WireError.from_exception(exc, message.obj_id)
+            peer.tell(Store(peer.next_id(), self.id, message.new_id, error, owner))
+        if message.release:
+            self.store.delete((message.obj_id,))
+
+    def _on_expect(self, session: Session, message: Expect) -> None:
+        if type(message.obj_ids) is not list or not all(type(i) is int for i in message.obj_ids):
+            raise MalformedMessage("EXPECT needs a list of integer object ids")
+        for obj_id in message.obj_ids:
+            self.store.expect(obj_id)
+
+    def _on_ping(self, session: Session, message: Ping) -> None:
+        session.reply(message.msg_id, self.status())
+
+
+_MISSING: Any = object()
+
+
+def describe(value: Any) -> dict[str, Any]:
+    """What a pointer learns when it resolves: the type and, for tensors, shape and dtype."""
+    if isinstance(value, torch.Tensor):
+        return {
+            "type": "Tensor",
+            "shape": tuple(value.shape),
+            "dtype": value.dtype,
+            "requires_grad": value.requires_grad,
+        }
+    return {"type": type(value).__name__}

@@ -1,0 +1,1 @@
+"""What people run: the CLI, the process launcher, datasets, training loops, experiments."""
