@@ -15,21 +15,28 @@ from actors.log import get_logger
 from actors.transport import Transport
 from protocol import (
     Codec,
-    Command,
     Delete,
     Error,
+    Kind,
     Reply,
     SyftError,
     WireError,
     WorkerLost,
 )
-from protocol.codec import Buffer
+from protocol.codec import Buffer, FrameBuilder
+
+#: A burst is cut into frames of at most this many messages or header bytes.
+BATCH_MESSAGES = 4096
+BATCH_BYTES = 1 << 20
+_COMMAND = int(Kind.COMMAND)
 
 
 class Connection:
     """Sends messages to one worker and routes what comes back.
 
-    ``tell`` is fire and forget, ``ask`` returns a future for the reply. Unsolicited ERRORs (a
+    ``tell`` is fire and forget, ``ask`` returns a future for the reply. Messages sent in one
+    turn of the event loop leave together as one frame (a message carrying tensor bytes closes
+    its frame at once, so the tensor is captured when it is sent). Unsolicited ERRORs (a
     pipelined command failed) are kept by result id until a pointer asks for them; one dropped
     without being asked is logged, the way asyncio reports an exception never retrieved.
     """
@@ -41,6 +48,7 @@ class Connection:
         self.remote_id = remote_id
         self.transport = transport
         self.codec = codec or Codec()
+        self._frame = FrameBuilder(self.codec.max_frame_size)
         self.loop = asyncio.get_running_loop()
         self.next_id = itertools.count(1).__next__
         self.lost: SyftError | None = None
@@ -61,14 +69,22 @@ class Connection:
         """Send ``message`` without waiting for anything."""
         if self.lost is not None:
             raise self.lost
-        self.transport.write(self.codec.encode(message))
+        self._added(self._frame.add(message))
 
     def command(self, result_id: int, op: str, args: list[Any], kwargs: dict[str, Any] | None) -> None:
-        """Pipeline one command; the hot path of every pointer operation."""
+        """Pipeline one COMMAND; the hot path of every pointer operation."""
         if self.lost is not None:
             raise self.lost
-        message = Command(self.next_id(), self.local_id, result_id, op, args, kwargs)
-        self.transport.write(self.codec.encode(message))
+        fields = [_COMMAND, self.next_id(), self.local_id, result_id, op, args, kwargs]
+        self._added(self._frame.add_wire(fields))
+
+    def _added(self, holds_tensor_views: bool) -> None:
+        frame = self._frame
+        if holds_tensor_views or len(frame) >= BATCH_MESSAGES or frame.header_bytes >= BATCH_BYTES:
+            self.flush()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self.flush)
 
     def ask(self, message: Any) -> asyncio.Future[Any]:
         """Send ``message`` and return a future for its reply (or its typed error)."""
@@ -76,17 +92,23 @@ class Connection:
         if self.lost is not None:
             future.set_exception(self.lost)
             return future
+        self.tell(message)
         self._pending[message.msg_id] = future
-        try:
-            self.transport.write(self.codec.encode(message))
-        except BaseException:
-            del self._pending[message.msg_id]
-            raise
         return future
+
+    def flush(self) -> None:
+        """Hand the frame being built (and any batched deletes) to the transport now."""
+        self._flush_scheduled = False
+        if self._deletes and self.lost is None:
+            ids, self._deletes = self._deletes, []
+            self._frame.add(Delete(self.next_id(), self.local_id, ids))
+        if len(self._frame) and self.lost is None:
+            self.transport.write(self._frame.build())
 
     def request_frame(self, frame: Buffer, msg_id: int) -> asyncio.Future[Any]:
         """Send a pre-built (possibly deliberately broken) frame and await the answer to
         ``msg_id``: how tests and tools probe a worker's handling of bad input."""
+        self.flush()
         future = self.loop.create_future()
         self._pending[msg_id] = future
         self.transport.write(frame)
@@ -102,13 +124,7 @@ class Connection:
         self._deletes.append(obj_id)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self.loop.call_soon(self.flush_deletes)
-
-    def flush_deletes(self) -> None:
-        self._flush_scheduled = False
-        if self._deletes and self.lost is None:
-            ids, self._deletes = self._deletes, []
-            self.tell(Delete(self.next_id(), self.local_id, ids))
+            self.loop.call_soon(self.flush)
 
     def take_failure(self, obj_id: int) -> SyftError | None:
         """The error already reported for ``obj_id``, if any (it counts as retrieved)."""
@@ -116,22 +132,26 @@ class Connection:
 
     async def drain(self) -> None:
         """Wait until what was sent has been handed to the worker (backpressure point)."""
-        self.flush_deletes()
+        self.flush()
         await self.transport.drain()
 
     async def close(self) -> None:
-        self.flush_deletes()
+        self.flush()
         await self.transport.close()
         self._on_lost(WorkerLost(f"connection to {self.remote_id} closed"))
 
     # -- receiving --------------------------------------------------------------------------
     def _on_frame(self, frame: Buffer) -> None:
         try:
-            message = self.codec.decode(frame)
+            messages = self.codec.decode(frame)
         except SyftError as exc:
             self.log.warning("undecodable frame from worker", error=str(exc))
             self.protocol_errors.append(exc)
             return
+        for message in messages:
+            self._on_message(message)
+
+    def _on_message(self, message: Any) -> None:
         kind = type(message)
         if kind is Reply:
             future = self._pending.pop(message.in_reply_to, None)
@@ -150,6 +170,9 @@ class Connection:
             else:
                 self.log.warning("worker reported an error", msg_id=message.in_reply_to, error=str(error))
                 self.protocol_errors.append(error)
+        elif isinstance(message, SyftError):
+            self.log.warning("bad message from worker", error=str(message))
+            self.protocol_errors.append(message)
         else:
             self.log.warning("unexpected message from worker", kind=kind.__name__, msg_id=message.msg_id)
 

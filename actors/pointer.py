@@ -32,12 +32,12 @@ from protocol.allowlist import COMMANDS, TENSOR_ATTRIBUTES, name_of
 if TYPE_CHECKING:
     from actors.remote import RemoteWorker
 
-_random = random.Random(os.urandom(16))
+_getrandbits = random.Random(os.urandom(16)).getrandbits
 
 
 def new_object_id() -> int:
     """A fresh object id: random, so that any sender can name objects without coordination."""
-    return _random.getrandbits(63) or 1
+    return _getrandbits(62) + 1
 
 
 class ObjectPointer:
@@ -138,7 +138,7 @@ def call(
     for arg in args:
         if isinstance(arg, ObjectPointer) and arg.location is not location:
             raise ValueError(f"{arg!r} lives on {arg.location.id}, not {location.id}: move it there first")
-    result_id = new_object_id()
+    result_id = _getrandbits(62) + 1
     location.connection.command(result_id, op, args, kwargs)
     return (result or PointerTensor)(location, result_id)
 
@@ -166,7 +166,11 @@ class PointerTensor(ObjectPointer):
     __slots__ = ("_meta",)
 
     def __init__(self, location: RemoteWorker, obj_id: int, meta: dict[str, Any] | None = None) -> None:
-        super().__init__(location, obj_id)
+        # ObjectPointer.__init__ written out: this runs once per pipelined operation.
+        self.location = location
+        self.id = obj_id
+        self._wire = None
+        self._released = False
         self._meta = meta
 
     def _learn(self, meta: dict[str, Any]) -> None:

@@ -77,17 +77,15 @@ class Session:
         trace = worker.log.debug if tracing() else None
         while True:
             frame = await mailbox.get()
-            message = worker.decode(self, frame)
-            if message is None:
-                continue
-            if trace is not None:
-                trace("message", msg_id=message.msg_id, kind=type(message).__name__, sender=message.sender)
-            while True:
-                try:
-                    worker.dispatch(self, message)
-                    break
-                except Awaiting as awaiting:
-                    await worker.wait_for_arrival(awaiting, message.sender)
+            for message in worker.decode(self, frame):
+                if trace is not None:
+                    trace("message", msg_id=message.msg_id, kind=type(message).__name__, sender=self.peer_id)
+                while True:
+                    try:
+                        worker.dispatch(self, message)
+                        break
+                    except Awaiting as awaiting:
+                        await worker.wait_for_arrival(awaiting, message.sender)
 
     def reply(self, in_reply_to: int, value: Any) -> None:
         worker = self.worker
@@ -195,30 +193,35 @@ class Worker:
         """The connection to another worker, dialled on first use (workers talk directly)."""
         connection = self.peers.get(address)
         if connection is None or connection.lost is not None:
-            connection = Connection(self.id, peer_id, dial(address, self.id), self.codec)
+            connection = Connection(
+                self.id, peer_id, dial(address, self.id), Codec(self.codec.max_frame_size)
+            )
             self.peers[address] = connection
         return connection
 
     # -- the per-message path ---------------------------------------------------------------
-    def decode(self, session: Session, frame: Buffer) -> Any:
+    def decode(self, session: Session, frame: Buffer) -> list[Any]:
         try:
             return self.codec.decode(frame)
         except ProtocolError as exc:
             self.log.warning("bad frame", sender=session.peer_id, msg_id=exc.msg_id, error=str(exc))
             session.error(exc.msg_id or 0, WireError.from_exception(exc))
-            return None
+            return []
 
     def dispatch(self, session: Session, message: Any) -> None:
         handler = self._handlers.get(type(message))
         try:
             if handler is None:
+                if isinstance(message, ProtocolError):
+                    raise message
                 raise MalformedMessage(f"a worker does not accept {type(message).__name__} messages")
             handler(session, message)
         except Awaiting:
             raise
         except Exception as exc:  # a bad message costs its sender an error, never the worker
-            self.log.warning("message failed", sender=session.peer_id, msg_id=message.msg_id, error=repr(exc))
-            session.error(message.msg_id, WireError.from_exception(exc))
+            msg_id = exc.msg_id if exc is message else message.msg_id
+            self.log.warning("message failed", sender=session.peer_id, msg_id=msg_id, error=repr(exc))
+            session.error(msg_id or 0, WireError.from_exception(exc))
 
     async def wait_for_arrival(self, awaiting: Awaiting, owner: str) -> None:
         """Wait (bounded) for an announced object; if it never comes, it becomes a failure."""
@@ -246,7 +249,15 @@ class Worker:
             args = message.args
             if type(args) is not list:
                 raise BadArguments(f"{op}: arguments must be a list")
-            self._resolve(args)
+            objects = self.store.objects
+            for i, arg in enumerate(args):
+                if type(arg) is ObjRef and type(value := objects.get(arg.id, _MISSING)) is not Failure:
+                    if value is _MISSING:
+                        raise self.store.missing(arg.id)
+                    args[i] = value
+                elif type(arg) in _CONTAINERS or type(arg) is ObjRef:
+                    self._resolve(args)
+                    break
             kwargs = message.kwargs
             if kwargs:
                 if type(kwargs) is not dict:
@@ -361,6 +372,7 @@ class Worker:
 
 
 _MISSING: Any = object()
+_CONTAINERS = (list, tuple, dict)
 
 
 def describe(value: Any) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 A frame is the unit every transport carries (queue item, WebSocket message, TCP record)::
 
     magic b"\\xa5\\x1f" | version u8 | flags u8 | header length u32 (little endian)
-    header: the msgpack message
+    header: the messages, one msgpack array each, back to back
     padding to a 64-byte boundary
     tensor bytes, each tensor 64-byte aligned, referenced from the header by offset
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Iterator
 from typing import Any, NamedTuple, TypeAlias
 
 import msgpack
@@ -40,7 +41,7 @@ from protocol.messages import CLASS_OF_KIND, KIND_OF_CLASS, PROTOCOL_VERSION
 Buffer: TypeAlias = bytes | bytearray | memoryview
 
 MAGIC = b"\xa5\x1f"
-PREFIX = struct.Struct("<2sBBI")
+PREFIX = struct.Struct("<2sBBII")  # little endian
 ALIGN = 64
 #: Default largest frame: big enough for real models (issue: at least 256 MiB).
 DEFAULT_MAX_FRAME = 1 << 30
@@ -103,8 +104,12 @@ class PointerRef(NamedTuple):
 
 
 def ref_ext(obj_id: int) -> msgpack.ExtType:
-    """The wire form of a reference, cached by pointers so the hot path packs no payload."""
-    return msgpack.ExtType(EXT_REF, _REF.pack(obj_id))
+    """The wire form of a reference, cached by pointers so the hot path packs no payload.
+
+    Built with ``tuple.__new__``: ``ExtType``'s own constructor re-validates code and payload
+    in Python, which costs more than the rest of a pointer operation's encoding.
+    """
+    return tuple.__new__(msgpack.ExtType, (EXT_REF, _REF.pack(obj_id)))
 
 
 def _align(n: int) -> int:
@@ -117,54 +122,66 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
-class Codec:
-    """Encodes messages into frames and back. One per connection end; not re-entrant."""
+class FrameBuilder:
+    """Collects messages into one frame: a burst of pipelined commands crosses as one unit.
+
+    ``add`` packs a message at once (so its arguments are captured when the operation is
+    called); ``build`` joins what was added into a frame and starts over. A message that carries
+    tensor bytes only holds views of them, so ``add`` says so and its caller builds right away.
+    """
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME) -> None:
         self.max_frame_size = max_frame_size
         self._packer = msgpack.Packer(default=self._default, strict_types=True, autoreset=True)
+        self._headers: list[bytes] = []
+        self._header_len = 0
         self._buffers: list[tuple[int, torch.Tensor]] = []
         self._data_len = 0
-        self._frame: Buffer = b""
-        self._data_start = 0
 
-    # -- encoding ---------------------------------------------------------------------------
-    def encode(self, message: tuple[Any, ...]) -> bytes | bytearray:
-        """One frame for ``message``, a contiguous buffer (``bytearray`` when it has tensors)."""
-        parts = self.encode_parts(message)
-        if len(parts) == 2:
-            return parts[0] + parts[1]
-        return bytearray().join(parts)
+    def __len__(self) -> int:
+        return len(self._headers)
 
-    def encode_parts(self, message: tuple[Any, ...]) -> list[Buffer]:
-        """The frame as a list of buffers, for transports that can write them without joining.
+    @property
+    def header_bytes(self) -> int:
+        return self._header_len
 
-        The tensor parts are views of the tensors: write them before the tensors can change.
-        """
-        self._buffers = []
-        self._data_len = 0
+    def add(self, message: tuple[Any, ...]) -> bool:
+        """Pack ``message`` into the frame; True if it holds tensor views (build before they change)."""
+        kind = KIND_OF_CLASS.get(type(message))
+        if kind is None:
+            raise BadArguments(f"not a protocol message: {type(message).__name__}")
+        return self.add_wire([kind, *message])
+
+    def add_wire(self, fields: list[Any]) -> bool:
+        """``add`` for a message already in wire order ``[kind, msg_id, sender, ...]``: the
+        per-operation path builds this list directly instead of a message tuple."""
+        buffers, data_len = len(self._buffers), self._data_len
         try:
-            kind = KIND_OF_CLASS[type(message)]
-        except KeyError:
-            raise BadArguments(f"not a protocol message: {type(message).__name__}") from None
-        try:
-            header = self._packer.pack([kind, *message])
+            packed = self._packer.pack(fields)
         except (TypeError, ValueError, OverflowError) as exc:
-            raise BadArguments(f"cannot encode {type(message).__name__}: {exc}") from exc
-        finally:
-            buffers, self._buffers = self._buffers, []
-        header_len = len(header)
-        prefix = PREFIX.pack(MAGIC, PROTOCOL_VERSION, 0, header_len)
+            del self._buffers[buffers:]
+            self._data_len = data_len
+            raise BadArguments(f"cannot encode message of kind {fields[0]}: {exc}") from exc
+        self._headers.append(packed)
+        self._header_len += len(packed)
+        return len(self._buffers) > buffers
+
+    def build(self) -> bytes | bytearray:
+        """The frame of every message added since the last build (``bytearray`` if it has tensors)."""
+        headers, buffers, data_len = self._headers, self._buffers, self._data_len
+        self._headers, self._buffers, self._header_len, self._data_len = [], [], 0, 0
+        header_len = sum(map(len, headers))
+        prefix = PREFIX.pack(MAGIC, PROTOCOL_VERSION, 0, len(headers), header_len)
         if not buffers:
             size = PREFIX.size + header_len
             if size > self.max_frame_size:
-                raise FrameTooLarge(f"frame of {size} bytes exceeds {self.max_frame_size}")
-            return [prefix, header]
+                raise FrameTooLarge(f"frame of {size} bytes exceeds the limit of {self.max_frame_size}")
+            return b"".join([prefix, *headers])
         data_start = _align(PREFIX.size + header_len)
-        size = data_start + self._data_len
+        size = data_start + data_len
         if size > self.max_frame_size:
-            raise FrameTooLarge(f"frame of {size} bytes exceeds {self.max_frame_size}")
-        parts: list[Buffer] = [prefix, header, bytes(data_start - PREFIX.size - header_len)]
+            raise FrameTooLarge(f"frame of {size} bytes exceeds the limit of {self.max_frame_size}")
+        parts: list[Buffer] = [prefix, *headers, bytes(data_start - PREFIX.size - header_len)]
         position = 0
         for offset, tensor in buffers:
             if offset > position:
@@ -172,9 +189,12 @@ class Codec:
             view = tensor_bytes(tensor)
             parts.append(view)
             position = offset + view.nbytes
-        return parts
+        return bytearray().join(parts)
 
     def _default(self, obj: Any) -> Any:
+        to_wire = getattr(obj, "__wire__", None)  # pointers know their own wire form
+        if to_wire is not None:
+            return to_wire()
         kind = type(obj)
         if isinstance(obj, torch.Tensor):
             return self._encode_tensor(obj)
@@ -182,9 +202,6 @@ class Codec:
             return msgpack.ExtType(EXT_TUPLE, self._pack_nested(list(obj)))
         if kind is ObjRef:
             return msgpack.ExtType(EXT_REF, _REF.pack(obj.id))
-        to_wire = getattr(obj, "__wire__", None)  # pointers know their own wire form
-        if to_wire is not None:
-            return to_wire()
         if kind is slice:
             return msgpack.ExtType(EXT_SLICE, self._pack_nested([obj.start, obj.stop, obj.step]))
         if obj is Ellipsis:
@@ -234,19 +251,38 @@ class Codec:
         payload = self._pack_nested([code, list(t.shape), offset, flags, grad])
         return msgpack.ExtType(EXT_TENSOR, payload)
 
-    # -- decoding ---------------------------------------------------------------------------
-    def decode(self, frame: Buffer) -> tuple[Any, ...]:
-        """The message in ``frame``; raises a :class:`ProtocolError` subclass if it is bad.
+
+class Codec:
+    """Decodes frames into messages, and encodes single messages."""
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_frame_size = max_frame_size
+        self._builder = FrameBuilder(max_frame_size)
+
+    def encode(self, message: tuple[Any, ...]) -> bytes | bytearray:
+        """A frame holding just ``message``."""
+        self._builder.add(message)
+        return self._builder.build()
+
+    def decode(self, frame: Buffer) -> Iterator[Any]:
+        """The messages in ``frame``, in order, decoded one at a time as they are consumed.
+
+        A frame whose prefix is wrong raises a :class:`ProtocolError` subclass here; bytes that
+        stop making sense midway raise :class:`MalformedFrame` from the iterator, after the
+        messages before them. A message that is readable but wrong (unknown kind, wrong fields)
+        is yielded as its :class:`ProtocolError`, so the messages around it are still served.
+        Decoding lazily keeps a long burst from piling up objects that the garbage collector
+        would have to walk.
 
         Tensors decoded from a writable frame share its memory; from a read-only one they are
         copied so that the receiver can always mutate what it owns.
         """
         size = len(memoryview(frame))
         if size > self.max_frame_size:
-            raise FrameTooLarge(f"frame of {size} bytes exceeds {self.max_frame_size}")
+            raise FrameTooLarge(f"frame of {size} bytes exceeds the limit of {self.max_frame_size}")
         if size < PREFIX.size:
             raise MalformedFrame(f"frame of {size} bytes is shorter than its {PREFIX.size}-byte prefix")
-        magic, version, _flags, header_len = PREFIX.unpack_from(frame)
+        magic, version, _flags, count, header_len = PREFIX.unpack_from(frame)
         if magic != MAGIC:
             raise MalformedFrame(f"bad magic {magic!r}: not an aiosyft frame")
         if version != PROTOCOL_VERSION:
@@ -254,25 +290,54 @@ class Codec:
         header_end = PREFIX.size + header_len
         if header_end > size:
             raise MalformedFrame(f"header of {header_len} bytes overruns a frame of {size} bytes")
-        self._frame = frame
-        self._data_start = _align(header_end)
+        reader = _FrameReader(frame, _align(header_end))
+        if count == 1:  # a lone request or reply: one call, no streaming machinery
+            return iter((_single_message(memoryview(frame)[PREFIX.size : header_end], reader),))
+        unpacker = msgpack.Unpacker(
+            ext_hook=reader.ext_hook,
+            raw=False,
+            strict_map_key=True,
+            max_buffer_size=max(header_len, 1024),
+        )
+        unpacker.feed(memoryview(frame)[PREFIX.size : header_end])
+        return _messages(unpacker, header_len, count)
+
+
+def _single_message(header: memoryview, reader: _FrameReader) -> Any:
+    try:
+        raw = msgpack.unpackb(header, ext_hook=reader.ext_hook, raw=False, strict_map_key=True)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack reports bad input with several exception types
+        raise MalformedFrame(f"undecodable header: {type(exc).__name__}: {exc}") from exc
+    return _message_from_wire(raw)
+
+
+def _messages(unpacker: msgpack.Unpacker, header_len: int, count: int) -> Iterator[Any]:
+    for _ in range(count):
         try:
-            raw = msgpack.unpackb(
-                memoryview(frame)[PREFIX.size : header_end],
-                ext_hook=self._ext_hook,
-                raw=False,
-                strict_map_key=True,
-                use_list=True,
-            )
+            raw = unpacker.unpack()
+        except msgpack.OutOfData:
+            raise MalformedFrame(f"header ends before its {count} messages") from None
         except ProtocolError:
             raise
         except Exception as exc:  # msgpack reports bad input with several exception types
             raise MalformedFrame(f"undecodable header: {type(exc).__name__}: {exc}") from exc
-        finally:
-            self._frame = b""
-        return _message_from_wire(raw)
+        yield _message_from_wire(raw)
+    if unpacker.tell() != header_len:
+        raise MalformedFrame(f"{header_len - unpacker.tell()} bytes left after {count} messages")
 
-    def _ext_hook(self, code: int, data: bytes) -> Any:
+
+class _FrameReader:
+    """Decodes the extension types of one frame; tensors are views of that frame's bytes."""
+
+    __slots__ = ("data_start", "frame")
+
+    def __init__(self, frame: Buffer, data_start: int) -> None:
+        self.frame = frame
+        self.data_start = data_start
+
+    def ext_hook(self, code: int, data: bytes) -> Any:
         try:
             if code == EXT_REF:
                 (obj_id,) = _REF.unpack(data)
@@ -301,7 +366,7 @@ class Codec:
         raise MalformedFrame(f"unknown extension type {code}")
 
     def _unpack_nested(self, data: bytes, expected: type) -> Any:
-        value = msgpack.unpackb(data, ext_hook=self._ext_hook, raw=False, strict_map_key=True)
+        value = msgpack.unpackb(data, ext_hook=self.ext_hook, raw=False, strict_map_key=True)
         if not isinstance(value, expected):
             raise MalformedFrame(f"expected {expected.__name__}, got {type(value).__name__}")
         return value
@@ -314,15 +379,16 @@ class Codec:
         if type(offset) is not int or offset < 0:
             raise MalformedFrame(f"bad tensor offset {offset!r}")
         count = math.prod(shape)
-        start = self._data_start + offset
+        start = self.data_start + offset
         nbytes = count * dtype.itemsize
-        frame = self._frame
-        if start + nbytes > len(memoryview(frame)):
+        frame = self.frame
+        view = memoryview(frame)
+        if start + nbytes > view.nbytes:
             raise MalformedFrame(f"tensor of {nbytes} bytes at {start} overruns the frame")
         if count == 0:
             tensor = torch.empty(shape, dtype=dtype)
-        elif memoryview(frame).readonly:
-            chunk = bytearray(memoryview(frame)[start : start + nbytes])
+        elif view.readonly:
+            chunk = bytearray(view[start : start + nbytes])
             tensor = torch.frombuffer(chunk, dtype=dtype, count=count).view(shape)
         else:
             tensor = torch.frombuffer(frame, dtype=dtype, count=count, offset=start).view(shape)
@@ -338,8 +404,26 @@ class Codec:
         return tensor
 
 
-def _message_from_wire(raw: Any) -> tuple[Any, ...]:
-    if not isinstance(raw, list) or not raw:
+#: kind -> (message class, number of fields): the fast path's whole check.
+_FULL_SHAPE: dict[int, tuple[type[Any], int]] = {
+    kind: (cls, len(cls._fields) + 1) for kind, cls in CLASS_OF_KIND.items()
+}
+
+
+def _message_from_wire(raw: Any) -> Any:
+    """The message for one decoded array, or the ProtocolError saying what is wrong with it."""
+    if type(raw) is list and len(raw) > 2 and type(raw[0]) is int:
+        shape = _FULL_SHAPE.get(raw[0])
+        if shape is not None and len(raw) == shape[1] and type(raw[1]) is int and type(raw[2]) is str:
+            return tuple.__new__(shape[0], raw[1:])  # every field present and typed: no more to do
+    try:
+        return _checked_message(raw)
+    except ProtocolError as exc:
+        return exc
+
+
+def _checked_message(raw: Any) -> tuple[Any, ...]:
+    if type(raw) is not list or not raw:
         raise MalformedMessage(f"a message is a non-empty array, got {type(raw).__name__}")
     kind = raw[0]
     cls = CLASS_OF_KIND.get(kind) if type(kind) is int else None
