@@ -92,6 +92,7 @@ class Connection:
         if self.lost is not None:
             future.set_exception(self.lost)
             return future
+        self._add_deletes()  # objects dropped before this question are gone when it is answered
         self.tell(message)
         self._pending[message.msg_id] = future
         return future
@@ -99,11 +100,14 @@ class Connection:
     def flush(self) -> None:
         """Hand the frame being built (and any batched deletes) to the transport now."""
         self._flush_scheduled = False
+        self._add_deletes()
+        if len(self._frame) and self.lost is None:
+            self.transport.write(self._frame.build())
+
+    def _add_deletes(self) -> None:
         if self._deletes and self.lost is None:
             ids, self._deletes = self._deletes, []
             self._frame.add(Delete(self.next_id(), self.local_id, ids))
-        if len(self._frame) and self.lost is None:
-            self.transport.write(self._frame.build())
 
     def request_frame(self, frame: Buffer, msg_id: int) -> asyncio.Future[Any]:
         """Send a pre-built (possibly deliberately broken) frame and await the answer to
