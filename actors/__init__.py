@@ -4,6 +4,7 @@ from actors.api import get, move, send
 from actors.connection import Connection
 from actors.hook import hook_torch, unhook_torch
 from actors.module import RemoteOptimizer, get_module, move_module, send_module
+from actors.net import Server, connect, serve
 from actors.pointer import ObjectPointer, PointerTensor, new_object_id
 from actors.remote import RemoteWorker
 from actors.transport import Transport, dial, register_dialer
@@ -16,9 +17,11 @@ __all__ = [
     "PointerTensor",
     "RemoteOptimizer",
     "RemoteWorker",
+    "Server",
     "Transport",
     "VirtualWorker",
     "Worker",
+    "connect",
     "dial",
     "get",
     "get_module",
@@ -29,5 +32,6 @@ __all__ = [
     "register_dialer",
     "send",
     "send_module",
+    "serve",
     "unhook_torch",
 ]

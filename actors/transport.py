@@ -9,7 +9,9 @@ The same frames cross every transport, so a scenario that passes over one passes
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import Callable
+from typing import Protocol
 
 from protocol.codec import Buffer
 
@@ -40,19 +42,58 @@ class Transport(abc.ABC):
         """Stop; frames not yet handed over are dropped."""
 
 
-Dialer = Callable[[str, str], Transport]
+class FlowControl:
+    """Write-side backpressure of one link: the transport pauses it when its send buffer is full
+    and resumes it once drained, so whoever produces frames can wait instead of piling them up."""
+
+    __slots__ = ("_waiter", "paused")
+
+    def __init__(self) -> None:
+        self.paused = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def fail(self, exc: BaseException) -> None:
+        """The link is gone: nobody should wait for it to drain."""
+        self.paused = False
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+
+    async def wait(self) -> None:
+        if self.paused:
+            if self._waiter is None:
+                self._waiter = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._waiter)
+
+
+class Dialer(Protocol):
+    def __call__(self, address: str, local_id: str, *, token: str | None) -> Transport: ...
+
+
 _DIALERS: dict[str, Dialer] = {}
 
 
 def register_dialer(scheme: str, dialer: Dialer) -> None:
-    """Make ``dial`` reach addresses ``scheme://...`` with ``dialer(address, local_id)``."""
+    """Make ``dial`` reach addresses ``scheme://...`` with ``dialer(address, local_id, token=)``."""
     _DIALERS[scheme] = dialer
 
 
-def dial(address: str, local_id: str) -> Transport:
-    """A transport to the worker at ``address``, speaking as ``local_id``."""
+def dial(address: str, local_id: str, *, token: str | None = None) -> Transport:
+    """A transport to the worker at ``address``, speaking as ``local_id``.
+
+    It is returned at once and connects in the background; frames written meanwhile wait.
+    """
     scheme, sep, _ = address.partition("://")
     dialer = _DIALERS.get(scheme) if sep else None
     if dialer is None:
         raise ValueError(f"no transport for address {address!r} (known: {sorted(_DIALERS)})")
-    return dialer(address, local_id)
+    return dialer(address, local_id, token=token)

@@ -79,7 +79,7 @@ class VirtualTransport(Transport):
             self._session.close()
 
 
-def _dial_virtual(address: str, local_id: str) -> Transport:
+def _dial_virtual(address: str, local_id: str, *, token: str | None = None) -> Transport:
     worker_id = address.removeprefix("virtual://")
     worker = _WORKERS.get(worker_id)
     if worker is None:

@@ -20,7 +20,7 @@ import torch
 from actors.connection import Connection
 from actors.log import get_logger, tracing
 from actors.store import Awaiting, Failure, ObjectStore
-from actors.transport import dial
+from actors.transport import FlowControl, dial
 from protocol import (
     DEFAULT_MAX_FRAME,
     PROTOCOL_VERSION,
@@ -66,6 +66,8 @@ class Session:
         self.send = send
         #: Called once when the session closes (the transport tells its client the worker is gone).
         self.on_close: Callable[[], None] | None = None
+        #: The reply direction's backpressure; the session stops reading while it is paused.
+        self.flow: FlowControl | None = None
         self.mailbox: asyncio.Queue[Buffer] = asyncio.Queue(mailbox_size)
         self.task = asyncio.get_running_loop().create_task(
             self._run(), name=f"aiosyft:{worker.id}<-{peer_id}"
@@ -86,6 +88,8 @@ class Session:
                         break
                     except Awaiting as awaiting:
                         await worker.wait_for_arrival(awaiting, message.sender)
+            if self.flow is not None and self.flow.paused:
+                await self.flow.wait()
 
     def reply(self, in_reply_to: int, value: Any) -> None:
         worker = self.worker
@@ -128,8 +132,11 @@ class Worker:
         mailbox_size: int = MAILBOX_SIZE,
         expect_timeout: float = 60.0,
         max_frame_size: int = DEFAULT_MAX_FRAME,
+        token: str | None = None,
     ) -> None:
         self.id = worker_id
+        #: The cluster's shared secret: required of whoever connects, presented to peers.
+        self.token = token
         self.address = address or f"virtual://{worker_id}"
         self.mailbox_size = mailbox_size
         self.expect_timeout = expect_timeout
@@ -194,7 +201,7 @@ class Worker:
         connection = self.peers.get(address)
         if connection is None or connection.lost is not None:
             connection = Connection(
-                self.id, peer_id, dial(address, self.id), Codec(self.codec.max_frame_size)
+                self.id, peer_id, dial(address, self.id, token=self.token), Codec(self.codec.max_frame_size)
             )
             self.peers[address] = connection
         return connection

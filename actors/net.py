@@ -1,0 +1,86 @@
+"""Serving a worker on the network, and connecting to one.
+
+``serve`` puts a :class:`~actors.worker.Worker` behind WebSocket or TCP; ``connect`` returns a
+:class:`~actors.remote.RemoteWorker` handle used exactly like a ``VirtualWorker``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+
+from actors.auth import resolve_token
+from actors.connection import Connection
+from actors.remote import RemoteWorker
+from actors.tcp import TcpTransport, serve_tcp
+from actors.transport import Transport
+from actors.worker import Worker
+from actors.ws import WebSocketTransport, serve_ws
+from protocol import DEFAULT_MAX_FRAME, Codec
+
+TRANSPORTS = ("ws", "tcp")
+
+
+class Server:
+    """A worker listening on one address; ``await server.close()`` stops both."""
+
+    def __init__(self, worker: Worker, address: str, handle: web.AppRunner | asyncio.Server) -> None:
+        self.worker = worker
+        self.address = address
+        self._handle = handle
+
+    async def close(self) -> None:
+        if isinstance(self._handle, web.AppRunner):
+            await self._handle.cleanup()
+        else:
+            self._handle.close()
+        await self.worker.close()
+        if isinstance(self._handle, asyncio.Server):
+            await self._handle.wait_closed()
+
+
+async def serve(worker: Worker, transport: str, host: str = "127.0.0.1", port: int = 0) -> Server:
+    """Serve ``worker`` over ``transport`` ("ws" or "tcp"); port 0 picks a free port."""
+    if transport == "ws":
+        runner, address = await serve_ws(worker, host, port)
+        worker.address = address
+        return Server(worker, address, runner)
+    if transport == "tcp":
+        server, address = await serve_tcp(worker, host, port)
+        worker.address = address
+        return Server(worker, address, server)
+    raise ValueError(f"unknown transport {transport!r}; expected one of {TRANSPORTS}")
+
+
+async def connect(
+    address: str,
+    *,
+    token: str | None = None,
+    local_id: str = "me",
+    max_frame_size: int = DEFAULT_MAX_FRAME,
+    timeout: float = 10.0,
+) -> RemoteWorker:
+    """Connect to the worker at ``ws://host:port`` or ``tcp://host:port``.
+
+    Returns once the worker has answered, so a wrong token (:class:`AuthenticationFailed`) or an
+    unreachable address (:class:`WorkerLost`) surfaces here, not at the first operation.
+    """
+    token = resolve_token(token)
+    transport: Transport
+    if address.startswith("ws://"):
+        transport = WebSocketTransport(address, local_id, token=token, max_frame_size=max_frame_size)
+    elif address.startswith("tcp://"):
+        transport = TcpTransport(address, local_id, token=token, max_frame_size=max_frame_size)
+    else:
+        raise ValueError(f"cannot connect to {address!r}: use ws://host:port or tcp://host:port")
+    connection = Connection(local_id, address, transport, Codec(max_frame_size))
+    worker = RemoteWorker(address, connection)
+    try:
+        status: dict[str, Any] = await asyncio.wait_for(worker.ping(), timeout)
+    except BaseException:
+        await connection.close()
+        raise
+    worker.id = connection.remote_id = str(status["id"])
+    return worker

@@ -1,0 +1,348 @@
+"""Workers over plain TCP: length-prefixed frames on an asyncio BufferedProtocol.
+
+Record: ``length u32 (little endian) | frame``. Small frames are written with their length in one
+``write`` (one segment, one syscall); large ones are read straight into a buffer of their own, so a
+64 MiB tensor is received without being copied again and decodes as a view of that buffer.
+
+The first record each way is a handshake, not a protocol message: the client sends
+``{"aiosyft": version, "id": its worker id, "token": secret}``, the worker answers
+``{"ok": true, "id": ...}`` or ``{"ok": false, "error": ...}`` and closes. A session is opened only
+after the token matched, so nothing from an unauthenticated peer is ever decoded as a message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import struct
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgpack
+
+from actors.auth import token_matches
+from actors.log import get_logger
+from actors.transport import FlowControl, FrameHandler, LossHandler, Transport, register_dialer
+from actors.worker import Session, Worker
+from protocol import (
+    DEFAULT_MAX_FRAME,
+    PROTOCOL_VERSION,
+    AuthenticationFailed,
+    FrameTooLarge,
+    ProtocolError,
+    WorkerLost,
+)
+from protocol.codec import Buffer
+
+_LENGTH = struct.Struct("<I")
+#: Staging buffer for small records; a record that cannot fit gets a buffer of its own.
+_STAGING = 1 << 18
+#: Below this, length and frame are joined into one write.
+_JOIN_BELOW = 1 << 16
+#: The handshake is tiny; a bigger first record is not a handshake.
+_HELLO_LIMIT = 4096
+_HANDSHAKE_TIMEOUT = 10.0
+
+
+def split_address(address: str, scheme: str) -> tuple[str, int]:
+    parts = urlsplit(address)
+    if parts.scheme != scheme or not parts.hostname or parts.port is None:
+        raise ValueError(f"expected {scheme}://host:port, got {address!r}")
+    return parts.hostname, parts.port
+
+
+class FrameStream(asyncio.BufferedProtocol):
+    """Reads length-prefixed records into frames and writes frames as records."""
+
+    def __init__(self, max_frame_size: int, on_connect: Callable[[FrameStream], None] | None = None) -> None:
+        self.max_frame_size = max_frame_size
+        self._on_connect = on_connect
+        self.on_frame: Callable[[bytearray], None] = lambda frame: None
+        self.on_lost: Callable[[BaseException], None] = lambda exc: None
+        self.flow = FlowControl()
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray(_STAGING)
+        self._start = 0
+        self._end = 0
+        self._large: bytearray | None = None
+        self._large_filled = 0
+        self.closed: BaseException | None = None
+
+    # -- asyncio protocol -------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if self._on_connect is not None:
+            self._on_connect(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = exc or ConnectionResetError("connection closed")
+        self.flow.fail(WorkerLost(f"connection lost: {self.closed}"))
+        self.on_lost(self.closed)
+
+    def pause_writing(self) -> None:
+        self.flow.pause()
+
+    def resume_writing(self) -> None:
+        self.flow.resume()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._large is not None:
+            return memoryview(self._large)[self._large_filled :]
+        if self._end == len(self._buffer):  # full: move the incomplete record to the front
+            pending = self._end - self._start
+            self._buffer[:pending] = self._buffer[self._start : self._end]
+            self._start, self._end = 0, pending
+        return memoryview(self._buffer)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        large = self._large
+        if large is not None:
+            self._large_filled += nbytes
+            if self._large_filled == len(large):
+                self._large = None
+                self.on_frame(large)
+            return
+        self._end += nbytes
+        self._parse()
+
+    def _parse(self) -> None:
+        buffer = self._buffer
+        while self._end - self._start >= _LENGTH.size:
+            (length,) = _LENGTH.unpack_from(buffer, self._start)
+            if length > self.max_frame_size:
+                self.abort(
+                    FrameTooLarge(f"record of {length} bytes exceeds the limit of {self.max_frame_size}")
+                )
+                return
+            body = self._start + _LENGTH.size
+            if self._end - body >= length:
+                self._start = body + length
+                self.on_frame(buffer[body : body + length])
+                if self.transport is None or self.transport.is_closing():
+                    return
+            elif _LENGTH.size + length > len(buffer):  # too big to stage: read into its own buffer
+                large = bytearray(length)
+                have = self._end - body
+                large[:have] = buffer[body : self._end]
+                self._large, self._large_filled = large, have
+                self._start = self._end = 0
+                return
+            else:
+                break
+        if self._start == self._end:
+            self._start = self._end = 0
+
+    # -- writing ----------------------------------------------------------------------------
+    def send(self, frame: Buffer) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise WorkerLost(f"connection closed: {self.closed}")
+        size = len(frame)
+        if size > self.max_frame_size:
+            raise FrameTooLarge(f"frame of {size} bytes exceeds the limit of {self.max_frame_size}")
+        if size < _JOIN_BELOW:
+            transport.write(_LENGTH.pack(size) + frame)
+        else:
+            transport.write(_LENGTH.pack(size))
+            transport.write(frame)
+
+    def abort(self, exc: BaseException) -> None:
+        if self.transport is not None:
+            self.closed = exc
+            self.transport.abort()
+
+
+def _hello(payload: dict[str, Any]) -> bytes:
+    return msgpack.packb(payload)
+
+
+def _read_hello(frame: Buffer) -> dict[str, Any]:
+    if len(frame) > _HELLO_LIMIT:
+        raise ProtocolError("handshake record too large")
+    try:
+        hello = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except Exception as exc:
+        raise ProtocolError(f"unreadable handshake: {exc}") from exc
+    if not isinstance(hello, dict):
+        raise ProtocolError("the handshake is a map")
+    return hello
+
+
+class TcpTransport(Transport):
+    """Client end of a TCP link; connects in the background, frames written meanwhile wait."""
+
+    def __init__(
+        self,
+        address: str,
+        local_id: str,
+        *,
+        token: str | None = None,
+        max_frame_size: int = DEFAULT_MAX_FRAME,
+    ) -> None:
+        self.address = address
+        self.local_id = local_id
+        self.token = token
+        self.max_frame_size = max_frame_size
+        self.remote_id: str | None = None
+        self._stream: FrameStream | None = None
+        self._waiting: collections.deque[Buffer] = collections.deque()
+        self._on_frame: FrameHandler = lambda frame: None
+        self._on_lost: LossHandler = lambda exc: None
+        self._lost: BaseException | None = None
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def start(self, on_frame: FrameHandler, on_lost: LossHandler) -> None:
+        self._on_frame, self._on_lost = on_frame, on_lost
+        self._task = asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        host, port = split_address(self.address, "tcp")
+        loop = asyncio.get_running_loop()
+        try:
+            _, stream = await loop.create_connection(lambda: FrameStream(self.max_frame_size), host, port)
+            answer: asyncio.Future[Buffer] = loop.create_future()
+            stream.on_frame = lambda frame: answer.done() or answer.set_result(frame)
+            stream.on_lost = lambda exc: (
+                answer.done()
+                or answer.set_exception(WorkerLost(f"{self.address} closed during the handshake"))
+            )
+            stream.send(_hello({"aiosyft": PROTOCOL_VERSION, "id": self.local_id, "token": self.token or ""}))
+            hello = _read_hello(await asyncio.wait_for(answer, _HANDSHAKE_TIMEOUT))
+            if not hello.get("ok"):
+                stream.abort(AuthenticationFailed("refused"))
+                raise AuthenticationFailed(f"{self.address} refused the connection: {hello.get('error')}")
+            self.remote_id = str(hello.get("id"))
+        except Exception as exc:
+            error = (
+                exc
+                if isinstance(exc, AuthenticationFailed)
+                else WorkerLost(f"cannot reach {self.address}: {exc}")
+            )
+            self._fail(error)
+            return
+        stream.on_frame = self._on_frame
+        stream.on_lost = lambda exc: self._fail(WorkerLost(f"lost the connection to {self.address}: {exc}"))
+        self._stream = stream
+        while self._waiting:
+            stream.send(self._waiting.popleft())
+        self.ready.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._lost is None:
+            self._lost = exc
+            self._waiting.clear()
+            if not self.ready.done():
+                self.ready.set_exception(exc)
+                self.ready.exception()  # retrieved here; whoever awaits it still gets it
+            self._on_lost(exc)
+
+    def write(self, frame: Buffer) -> None:
+        if self._lost is not None:
+            raise self._lost
+        stream = self._stream
+        if stream is None:
+            if len(frame) > self.max_frame_size:
+                raise FrameTooLarge(f"frame of {len(frame)} bytes exceeds the limit of {self.max_frame_size}")
+            self._waiting.append(frame)
+        else:
+            stream.send(frame)
+
+    async def drain(self) -> None:
+        await asyncio.shield(self.ready)
+        if self._stream is not None:
+            await self._stream.flow.wait()
+
+    async def close(self) -> None:
+        self._task.cancel()
+        if self._stream is not None and self._stream.transport is not None:
+            self._stream.transport.close()
+        self._fail(WorkerLost(f"connection to {self.address} closed"))
+
+
+register_dialer("tcp", lambda address, local_id, *, token: TcpTransport(address, local_id, token=token))
+
+
+class _ServerSide:
+    """One accepted connection: the handshake, then frames into the sender's session."""
+
+    def __init__(self, worker: Worker, stream: FrameStream) -> None:
+        self.worker = worker
+        self.stream = stream
+        self.session: Session | None = None
+        self._backlog: collections.deque[bytearray] = collections.deque()
+        self._feeder: asyncio.Task[None] | None = None
+        self.log = get_logger(worker=worker.id)
+        stream.on_frame = self._on_hello
+        stream.on_lost = self._on_lost
+        self._timeout = asyncio.get_running_loop().call_later(
+            _HANDSHAKE_TIMEOUT, lambda: stream.abort(ProtocolError("handshake timeout"))
+        )
+
+    def _on_hello(self, frame: bytearray) -> None:
+        self._timeout.cancel()
+        peer = self.stream.transport.get_extra_info("peername") if self.stream.transport else None
+        try:
+            hello = _read_hello(frame)
+            if hello.get("aiosyft") != PROTOCOL_VERSION:
+                raise ProtocolError(f"protocol version {hello.get('aiosyft')!r}, expected {PROTOCOL_VERSION}")
+            if not token_matches(self.worker.token, hello.get("token")):
+                raise AuthenticationFailed("missing or wrong token")
+        except (ProtocolError, AuthenticationFailed) as exc:
+            self.log.warning("connection refused", peer=str(peer), reason=str(exc))
+            self.stream.send(_hello({"ok": False, "error": str(exc)}))
+            self.stream.transport.close() if self.stream.transport else None
+            return
+        peer_id = str(hello.get("id", "anonymous"))
+        self.stream.send(_hello({"ok": True, "id": self.worker.id}))
+        session = self.worker.open_session(peer_id, self.stream.send)
+        session.flow = self.stream.flow
+        session.on_close = self._close
+        self.session = session
+        self.stream.on_frame = self._deliver
+        self.log.info("connected", peer=peer_id, address=str(peer))
+
+    def _deliver(self, frame: bytearray) -> None:
+        assert self.session is not None
+        mailbox = self.session.mailbox
+        if self._backlog or mailbox.full():  # the worker is behind: stop reading the socket
+            self._backlog.append(frame)
+            if self.stream.transport is not None:
+                self.stream.transport.pause_reading()
+            if self._feeder is None or self._feeder.done():
+                self._feeder = asyncio.get_running_loop().create_task(self._feed(mailbox))
+        else:
+            mailbox.put_nowait(frame)
+
+    async def _feed(self, mailbox: asyncio.Queue[Buffer]) -> None:
+        while self._backlog:
+            await mailbox.put(self._backlog.popleft())
+        transport = self.stream.transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
+
+    def _on_lost(self, exc: BaseException) -> None:
+        self._timeout.cancel()
+        if self._feeder is not None:
+            self._feeder.cancel()
+        if self.session is not None:
+            self.session.on_close = None
+            self.session.close()
+
+    def _close(self) -> None:
+        if self.stream.transport is not None:
+            self.stream.transport.close()
+
+
+async def serve_tcp(worker: Worker, host: str, port: int) -> tuple[asyncio.Server, str]:
+    """Serve ``worker`` on ``tcp://host:port`` (port 0 picks a free one); returns the address."""
+    loop = asyncio.get_running_loop()
+    max_frame_size = worker.codec.max_frame_size
+
+    def accept() -> FrameStream:
+        return FrameStream(max_frame_size, on_connect=lambda stream: _ServerSide(worker, stream))
+
+    server = await loop.create_server(accept, host, port)
+    bound = server.sockets[0].getsockname()
+    return server, f"tcp://{host}:{bound[1]}"
