@@ -12,7 +12,7 @@ import hmac
 import os
 from typing import Any
 
-TOKEN_ENV = "AIOSYFT_TOKEN"
+TOKEN_ENV = "AIOSYFT_TOKEN"  # noqa: S105 - the variable's name, not a secret
 
 
 def resolve_token(token: str | None) -> str | None:
