@@ -8,6 +8,9 @@ import logging
 from pathlib import Path
 
 from actors import log
+from actors.auth import TOKEN_ENV
+from actors.net import TRANSPORTS
+from runners.cluster import launch, run_worker
 from runners.bench import bench_pointers, format_pointers, write_json
 from runners.demo import demo
 
@@ -18,6 +21,21 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     commands.add_parser("demo", help="pointer tensors on virtual workers, checked against PyTorch")
+
+    worker = commands.add_parser("worker", help="run one worker (the way to span machines)")
+    worker.add_argument("--id", required=True, help="the worker's id")
+    worker.add_argument("--transport", choices=TRANSPORTS, default="ws")
+    worker.add_argument("--host", default="127.0.0.1")
+    worker.add_argument("--port", type=int, default=8777, help="0 picks a free port")
+    worker.add_argument("--token", help=f"shared secret (default: ${TOKEN_ENV}; none: accept anyone)")
+    worker.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+
+    launch = commands.add_parser("launch", help="start N local worker processes; Ctrl-C stops them")
+    launch.add_argument("--workers", required=True, help="comma-separated ids, e.g. alice,bob,carol")
+    launch.add_argument("--transport", choices=TRANSPORTS, default="ws")
+    launch.add_argument("--host", default="127.0.0.1")
+    launch.add_argument("--port", type=int, default=8777, help="first port; the next workers count up")
+    launch.add_argument("--token", help=f"shared secret (default: ${TOKEN_ENV}, else a fresh one)")
 
     bench = commands.add_parser("bench", help="benchmarks, each beside its reference")
     suites = bench.add_subparsers(dest="suite", required=True)
@@ -32,7 +50,16 @@ def main(argv: list[str] | None = None) -> None:
     log.configure([logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)])
     if args.command == "demo":
         asyncio.run(demo())
+    elif args.command == "worker":
+        asyncio.run(run_worker(args.id, args.transport, args.host, args.port, args.token, args.threads))
+    elif args.command == "launch":
+        ids = [name.strip() for name in args.workers.split(",") if name.strip()]
+        asyncio.run(launch(ids, args.transport, args.host, args.port, args.token))
     elif args.command == "bench" and args.suite == "pointers":
         result = asyncio.run(bench_pointers(args.repeats))
         print(format_pointers(result))
         write_json(result, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""Worker processes on this machine: one ``aiosyft worker`` each, supervised by their launcher.
+
+A child prints ``READY <address>`` once it is warmed up and serving; the launcher waits for every
+child's line, then connects (the connection's ping is the health check). Children watch their
+standard input, which the launcher holds open: when the launcher goes away by any means, even
+SIGKILL, each child sees end-of-file and stops, so no worker outlives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import os
+import secrets
+import signal
+import sys
+from collections.abc import AsyncIterator, Iterator
+
+import torch
+
+import actors
+from actors.auth import TOKEN_ENV, resolve_token
+from actors.log import get_logger
+
+READY = "READY"
+_START_TIMEOUT = 60.0
+_STOP_TIMEOUT = 5.0
+
+
+def warm_up(threads: int) -> None:
+    """Set torch's threads and pay the lazy first-use costs before reporting healthy.
+
+    One thread per worker process: on a shared small host, torch's default threading made a tiny
+    model many times slower. The first optimizer construction imports lazily (~0.8 s), so it is
+    done here, and the objects of those imports are frozen out of the garbage collector's walks.
+    """
+    torch.set_num_threads(threads)
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.nn.functional.mse_loss(model(torch.ones(2, 4)), torch.zeros(2, 1)).backward()
+    optimizer.step()
+    gc.collect()
+    gc.freeze()
+
+
+async def run_worker(
+    worker_id: str, transport: str, host: str, port: int, token: str | None, threads: int = 1
+) -> None:
+    """Serve one worker until SIGTERM, SIGINT or end of standard input (the launcher is gone)."""
+    warm_up(threads)
+    token = resolve_token(token)
+    server = await actors.serve(actors.Worker(worker_id, token=token), transport, host, port)
+    log = get_logger(worker=worker_id)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    watcher = loop.create_task(_watch_stdin(stop))
+    print(f"{READY} {server.address}", flush=True)
+    log.info("serving", address=server.address)
+    await stop.wait()
+    watcher.cancel()
+    log.info("stopping")
+    await server.close()
+
+
+async def _watch_stdin(stop: asyncio.Event) -> None:
+    if sys.stdin is None or sys.stdin.isatty():
+        return
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while await reader.read(1 << 16):
+        pass
+    stop.set()
+
+
+class Cluster:
+    """Handles to the workers of a local cluster, in the order they were named."""
+
+    def __init__(self) -> None:
+        self.workers: list[actors.RemoteWorker] = []
+        self.processes: dict[str, asyncio.subprocess.Process] = {}
+        self.addresses: dict[str, str] = {}
+        self.token: str | None = None
+
+    def __iter__(self) -> Iterator[actors.RemoteWorker]:
+        return iter(self.workers)
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    def __getitem__(self, key: int | str) -> actors.RemoteWorker:
+        if isinstance(key, int):
+            return self.workers[key]
+        for worker in self.workers:
+            if worker.id == key:
+                return worker
+        raise KeyError(key)
+
+
+async def start_processes(
+    ids: list[str],
+    transport: str,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    token: str | None = None,
+    threads: int = 1,
+) -> Cluster:
+    """Start one worker process per id (ports from ``port`` up, or free ports with 0)."""
+    cluster = Cluster()
+    cluster.token = resolve_token(token) or secrets.token_urlsafe(24)
+    env = {**os.environ, TOKEN_ENV: cluster.token}  # never on a command line, where ps shows it
+    try:
+        for index, worker_id in enumerate(ids):
+            worker_port = port + index if port else 0
+            command = [sys.executable, "-m", "runners.cli", "worker", "--id", worker_id,
+                       "--transport", transport, "--host", host, "--port", str(worker_port),
+                       "--threads", str(threads)]  # fmt: skip
+            cluster.processes[worker_id] = await asyncio.create_subprocess_exec(
+                *command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env
+            )
+        for worker_id, process in cluster.processes.items():
+            cluster.addresses[worker_id] = await _ready(worker_id, process)
+    except BaseException:
+        await stop_processes(cluster)
+        raise
+    return cluster
+
+
+async def _ready(worker_id: str, process: asyncio.subprocess.Process) -> str:
+    assert process.stdout is not None
+    async with asyncio.timeout(_START_TIMEOUT):
+        while line := (await process.stdout.readline()).decode():
+            if line.startswith(READY + " "):
+                return line.split()[1]
+    raise RuntimeError(f"worker {worker_id} exited (code {await process.wait()}) before it was ready")
+
+
+async def stop_processes(cluster: Cluster) -> None:
+    """SIGTERM every child, SIGKILL what has not exited within a few seconds, reap all."""
+    for process in cluster.processes.values():
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
+    for process in cluster.processes.values():
+        try:
+            await asyncio.wait_for(process.wait(), _STOP_TIMEOUT)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+
+
+@contextlib.asynccontextmanager
+async def local_cluster(
+    ids: list[str],
+    transport: str = "ws",
+    host: str = "127.0.0.1",
+    port: int = 0,
+    token: str | None = None,
+    threads: int = 1,
+) -> AsyncIterator[Cluster]:
+    """Worker processes on this machine, connected: ``async with local_cluster([...]) as c``.
+
+    Leaving the block closes the connections and stops every process; none is left behind.
+    """
+    cluster = await start_processes(ids, transport, host, port, token, threads)
+    try:
+        for worker_id in ids:
+            cluster.workers.append(await actors.connect(cluster.addresses[worker_id], token=cluster.token))
+        yield cluster
+    finally:
+        for worker in cluster.workers:
+            await worker.close()
+        await stop_processes(cluster)
+
+
+async def launch(ids: list[str], transport: str, host: str, port: int, token: str | None) -> None:
+    """``aiosyft launch``: start the workers, print where they are, stop them all on a signal."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    cluster = await start_processes(ids, transport, host, port, token)
+    try:
+        for worker_id, address in cluster.addresses.items():
+            print(f"{worker_id} {address}", flush=True)
+        if token is None and os.environ.get(TOKEN_ENV) is None:
+            print(f"token (set {TOKEN_ENV} to connect): {cluster.token}", flush=True)
+        print("ready; Ctrl-C stops every worker", flush=True)
+        waiters = [asyncio.ensure_future(stop.wait())]
+        waiters += [asyncio.ensure_future(p.wait()) for p in cluster.processes.values()]
+        done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in pending:
+            waiter.cancel()
+        for worker_id, process in cluster.processes.items():
+            if process.returncode is not None and not stop.is_set():
+                print(f"worker {worker_id} exited with code {process.returncode}; stopping all", flush=True)
+    finally:
+        await stop_processes(cluster)
