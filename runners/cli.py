@@ -10,8 +10,8 @@ from pathlib import Path
 from actors import log
 from actors.auth import TOKEN_ENV
 from actors.net import TRANSPORTS
-from runners.cluster import launch, run_worker
 from runners.bench import bench_pointers, format_pointers, write_json
+from runners.cluster import launch, run_worker
 from runners.demo import demo
 
 
@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "demo":
         asyncio.run(demo())
     elif args.command == "worker":
-        asyncio.run(run_worker(args.id, args.transport, args.host, args.port, args.token, args.threads))
+        asyncio.run(
+            run_worker(args.id, args.transport, args.host, args.port, token=args.token, threads=args.threads)
+        )
     elif args.command == "launch":
         ids = [name.strip() for name in args.workers.split(",") if name.strip()]
         asyncio.run(launch(ids, args.transport, args.host, args.port, args.token))

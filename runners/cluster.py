@@ -45,7 +45,7 @@ def warm_up(threads: int) -> None:
 
 
 async def run_worker(
-    worker_id: str, transport: str, host: str, port: int, token: str | None, threads: int = 1
+    worker_id: str, transport: str, host: str, port: int, *, token: str | None, threads: int = 1
 ) -> None:
     """Serve one worker until SIGTERM, SIGINT or end of standard input (the launcher is gone)."""
     warm_up(threads)
@@ -103,6 +103,7 @@ class Cluster:
 async def start_processes(
     ids: list[str],
     transport: str,
+    *,
     host: str = "127.0.0.1",
     port: int = 0,
     token: str | None = None,
@@ -157,6 +158,7 @@ async def stop_processes(cluster: Cluster) -> None:
 async def local_cluster(
     ids: list[str],
     transport: str = "ws",
+    *,
     host: str = "127.0.0.1",
     port: int = 0,
     token: str | None = None,
@@ -166,7 +168,7 @@ async def local_cluster(
 
     Leaving the block closes the connections and stops every process; none is left behind.
     """
-    cluster = await start_processes(ids, transport, host, port, token, threads)
+    cluster = await start_processes(ids, transport, host=host, port=port, token=token, threads=threads)
     try:
         for worker_id in ids:
             cluster.workers.append(await actors.connect(cluster.addresses[worker_id], token=cluster.token))
@@ -183,7 +185,7 @@ async def launch(ids: list[str], transport: str, host: str, port: int, token: st
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    cluster = await start_processes(ids, transport, host, port, token)
+    cluster = await start_processes(ids, transport, host=host, port=port, token=token)
     try:
         for worker_id, address in cluster.addresses.items():
             print(f"{worker_id} {address}", flush=True)
@@ -192,7 +194,7 @@ async def launch(ids: list[str], transport: str, host: str, port: int, token: st
         print("ready; Ctrl-C stops every worker", flush=True)
         waiters = [asyncio.ensure_future(stop.wait())]
         waiters += [asyncio.ensure_future(p.wait()) for p in cluster.processes.values()]
-        done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for waiter in pending:
             waiter.cancel()
         for worker_id, process in cluster.processes.items():
