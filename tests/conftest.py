@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import gc
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
 import actors
 
-TRANSPORTS = ["virtual"]
+TRANSPORTS = ["virtual", "ws", "tcp"]
+TOKEN = "test-secret"
 
 MakeWorker = Callable[[str], Awaitable[actors.RemoteWorker]]
 
@@ -39,12 +41,16 @@ def transport(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 async def make_worker(transport: str) -> AsyncIterator[MakeWorker]:
     made: list[actors.RemoteWorker] = []
+    servers: list[actors.Server] = []
 
-    async def make(worker_id: str, **options: object) -> actors.RemoteWorker:
+    async def make(worker_id: str, **options: Any) -> actors.RemoteWorker:
+        """A worker over the test's transport; network ones are served in this process."""
         if transport == "virtual":
             worker: actors.RemoteWorker = actors.VirtualWorker(worker_id, **options)
-        else:  # pragma: no cover - network transports arrive with their issue
-            raise NotImplementedError(transport)
+        else:
+            server = await actors.serve(actors.Worker(worker_id, token=TOKEN, **options), transport)
+            servers.append(server)
+            worker = await actors.connect(server.address, token=TOKEN)
         made.append(worker)
         return worker
 
@@ -54,6 +60,8 @@ async def make_worker(transport: str) -> AsyncIterator[MakeWorker]:
     finally:
         for worker in made:
             await worker.close()
+        for server in servers:
+            await server.close()
 
 
 @pytest.fixture
