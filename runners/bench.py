@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
+import sys
 import statistics
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import msgpack
 import torch
 
 import actors
 from protocol import Kind, ref_ext
+from runners.cluster import local_cluster
 
 #: Operations per timed run; large enough that loop wake-ups amortize as they do in real use.
 OPS = 20_000
@@ -137,3 +141,167 @@ def format_pointers(result: dict[str, float]) -> str:
 def write_json(result: Any, path: Path | None) -> None:
     if path is not None:
         path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+# -- transports -------------------------------------------------------------------------------
+TRANSPORT_ROUND_TRIPS = 2_000
+BULK_BYTES = 64 << 20
+_SMALL = b"x" * 100
+_RAW_WINDOW = 256
+
+
+async def _echo_process(kind: str) -> tuple[asyncio.subprocess.Process, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "runners.echo", kind, stdout=asyncio.subprocess.PIPE
+    )
+    assert process.stdout is not None
+    line = (await process.stdout.readline()).decode().split()
+    if not line or line[0] != "READY":
+        process.kill()
+        raise RuntimeError(f"the {kind} echo server did not start")
+    return process, line[1]
+
+
+class _RawClient:
+    """Round trips, a window of pipelined messages and bulk transfer on a bare transport."""
+
+    async def open(self, address: str) -> None: ...
+    async def send(self, data: bytes) -> None: ...
+    async def receive(self) -> bytes: ...
+    async def close(self) -> None: ...
+
+    async def round_trip(self, n: int) -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            await self.send(_SMALL)
+            await self.receive()
+        return (time.perf_counter() - start) / n
+
+    async def pipelined(self, n: int) -> float:
+        async def receive_all() -> None:
+            for _ in range(n):
+                await self.receive()
+
+        start = time.perf_counter()
+        receiver = asyncio.ensure_future(receive_all())
+        for i in range(n):
+            await self.send(_SMALL)
+            if i % _RAW_WINDOW == 0:
+                await asyncio.sleep(0)
+        await receiver
+        return (time.perf_counter() - start) / n
+
+    async def bulk(self, payload: bytes) -> float:
+        start = time.perf_counter()
+        await self.send(payload)
+        echoed = await self.receive()
+        assert len(echoed) == len(payload)
+        return time.perf_counter() - start
+
+
+class _RawWebSocket(_RawClient):
+    async def open(self, address: str) -> None:
+        self.session = aiohttp.ClientSession()
+        self.ws = await self.session.ws_connect(address, max_msg_size=1 << 30, compress=0)
+
+    async def send(self, data: bytes) -> None:
+        await self.ws.send_bytes(data)
+
+    async def receive(self) -> bytes:
+        return (await self.ws.receive()).data
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await self.session.close()
+
+
+class _RawTcp(_RawClient):
+    async def open(self, address: str) -> None:
+        host, port = address.removeprefix("tcp://").split(":")
+        self.reader, self.writer = await asyncio.open_connection(host, int(port), limit=1 << 27)
+
+    async def send(self, data: bytes) -> None:
+        if len(data) < 1 << 16:
+            self.writer.write(struct.pack("<I", len(data)) + data)
+        else:
+            self.writer.write(struct.pack("<I", len(data)))
+            self.writer.write(data)
+        await self.writer.drain()
+
+    async def receive(self) -> bytes:
+        (length,) = struct.unpack("<I", await self.reader.readexactly(4))
+        return await self.reader.readexactly(length)
+
+    async def close(self) -> None:
+        self.writer.close()
+
+
+async def _ours(worker: actors.RemoteWorker, repeats: int) -> dict[str, float]:
+    async def round_trip() -> float:
+        start = time.perf_counter()
+        for _ in range(TRANSPORT_ROUND_TRIPS):
+            await worker.ping()
+        return (time.perf_counter() - start) / TRANSPORT_ROUND_TRIPS
+
+    async def pipelined() -> float:
+        return await _pipelined_op(worker, OPS)
+
+    bulk_tensor = torch.randn(BULK_BYTES // 4)
+
+    async def bulk() -> float:
+        start = time.perf_counter()
+        back = await actors.send(bulk_tensor, worker).get()
+        elapsed = time.perf_counter() - start
+        assert torch.equal(back, bulk_tensor), "bulk transfer corrupted the tensor"
+        return elapsed
+
+    return {
+        "rt_per_s": 1e6 / await _runs(round_trip, repeats),
+        "pipelined_per_s": 1e6 / await _runs(pipelined, repeats),
+        "mb_per_s": 2 * BULK_BYTES / 1e6 / (await _runs(bulk, max(3, repeats // 2)) / 1e6),
+    }
+
+
+async def _raw(client: _RawClient, repeats: int) -> dict[str, float]:
+    payload = bytes(BULK_BYTES)
+    return {
+        "raw_rt_per_s": 1e6 / await _runs(lambda: client.round_trip(TRANSPORT_ROUND_TRIPS), repeats),
+        "raw_pipelined_per_s": 1e6 / await _runs(lambda: client.pipelined(OPS), repeats),
+        "raw_mb_per_s": 2
+        * BULK_BYTES
+        / 1e6
+        / (await _runs(lambda: client.bulk(payload), max(3, repeats // 2)) / 1e6),
+    }
+
+
+async def bench_transport(repeats: int = 5) -> dict[str, dict[str, float]]:
+    """Per transport: this project's figures and the bare transport's, each in its own process."""
+    results: dict[str, dict[str, float]] = {}
+    for kind, raw_client in (("ws", _RawWebSocket), ("tcp", _RawTcp)):
+        async with local_cluster(["bench"], transport=kind) as cluster:
+            ours = await _ours(cluster[0], repeats)
+        process, address = await _echo_process(kind)
+        client = raw_client()
+        try:
+            await client.open(address)
+            raw = await _raw(client, repeats)
+        finally:
+            await client.close()
+            process.kill()
+            await process.wait()
+        results[kind] = {**ours, **raw}
+    return results
+
+
+def format_transport(results: dict[str, dict[str, float]]) -> str:
+    lines = [
+        "| transport | measure | aiosyft | raw transport | ratio |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for kind, figures in results.items():
+        for key, label in (("rt_per_s", "round trips/s, 1 in flight"),
+                           ("pipelined_per_s", "pipelined commands/s"),
+                           ("mb_per_s", "MB/s, 64 MiB there and back")):  # fmt: skip
+            ours, raw = figures[key], figures["raw_" + key]
+            lines.append(f"| {kind} | {label} | {ours:,.0f} | {raw:,.0f} | {ours / raw:.2f} |")
+    return "\n".join(lines)

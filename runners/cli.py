@@ -10,7 +10,7 @@ from pathlib import Path
 from actors import log
 from actors.auth import TOKEN_ENV
 from actors.net import TRANSPORTS
-from runners.bench import bench_pointers, format_pointers, write_json
+from runners.bench import bench_pointers, bench_transport, format_pointers, format_transport, write_json
 from runners.cluster import launch, run_worker
 from runners.demo import demo
 
@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     pointers = suites.add_parser("pointers", help="cost of a pointer operation on a virtual worker")
     pointers.add_argument("--json", type=Path, help="also write the figures to this file")
     pointers.add_argument("--repeats", type=int, default=7, help="timed runs; the median is reported")
+    transport = suites.add_parser("transport", help="WebSocket and TCP workers beside the raw transports")
+    transport.add_argument("--json", type=Path, help="also write the figures to this file")
+    transport.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported")
     return parser
 
 
@@ -61,6 +64,10 @@ def main(argv: list[str] | None = None) -> None:
         result = asyncio.run(bench_pointers(args.repeats))
         print(format_pointers(result))
         write_json(result, args.json)
+    elif args.command == "bench" and args.suite == "transport":
+        results = asyncio.run(bench_transport(args.repeats))
+        print(format_transport(results))
+        write_json(results, args.json)
 
 
 if __name__ == "__main__":
