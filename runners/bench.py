@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import statistics
 import struct
 import sys
-import statistics
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
