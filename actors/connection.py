@@ -42,9 +42,18 @@ class Connection:
     """
 
     def __init__(
-        self, local_id: str, remote_id: str, transport: Transport, codec: Codec | None = None
+        self,
+        local_id: str,
+        remote_id: str,
+        transport: Transport,
+        codec: Codec | None = None,
+        *,
+        reply_timeout: float | None = None,
     ) -> None:
         self.local_id = local_id
+        #: Seconds a question may wait for its answer before the worker counts as lost; ``None``
+        #: waits as long as the link is up (a dropped link fails everything at once anyway).
+        self.reply_timeout = reply_timeout
         self.remote_id = remote_id
         self.transport = transport
         self.codec = codec or Codec()
@@ -95,7 +104,15 @@ class Connection:
         self._add_deletes()  # objects dropped before this question are gone when it is answered
         self.tell(message)
         self._pending[message.msg_id] = future
+        if self.reply_timeout is not None:
+            timer = self.loop.call_later(self.reply_timeout, self._expire, message.msg_id)
+            future.add_done_callback(lambda _: timer.cancel())
         return future
+
+    def _expire(self, msg_id: int) -> None:
+        future = self._pending.get(msg_id)
+        if future is not None and not future.done():
+            self._on_lost(WorkerLost(f"{self.remote_id} did not answer within {self.reply_timeout:g} s"))
 
     def flush(self) -> None:
         """Hand the frame being built (and any batched deletes) to the transport now."""

@@ -61,11 +61,14 @@ async def connect(
     local_id: str = "me",
     max_frame_size: int = DEFAULT_MAX_FRAME,
     timeout: float = 10.0,
+    reply_timeout: float | None = None,
 ) -> RemoteWorker:
     """Connect to the worker at ``ws://host:port`` or ``tcp://host:port``.
 
     Returns once the worker has answered, so a wrong token (:class:`AuthenticationFailed`) or an
     unreachable address (:class:`WorkerLost`) surfaces here, not at the first operation.
+    ``timeout`` bounds the connection; ``reply_timeout`` (off by default: a remote job may
+    legitimately run long) declares the worker lost when any answer takes longer than that.
     """
     token = resolve_token(token)
     transport: Transport
@@ -75,7 +78,7 @@ async def connect(
         transport = TcpTransport(address, local_id, token=token, max_frame_size=max_frame_size)
     else:
         raise ValueError(f"cannot connect to {address!r}: use ws://host:port or tcp://host:port")
-    connection = Connection(local_id, address, transport, Codec(max_frame_size))
+    connection = Connection(local_id, address, transport, Codec(max_frame_size), reply_timeout=reply_timeout)
     worker = RemoteWorker(address, connection)
     try:
         status: dict[str, Any] = await asyncio.wait_for(worker.ping(), timeout)

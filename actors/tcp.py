@@ -43,6 +43,7 @@ _JOIN_BELOW = 1 << 16
 #: The handshake is tiny; a bigger first record is not a handshake.
 _HELLO_LIMIT = 4096
 _HANDSHAKE_TIMEOUT = 10.0
+_log = get_logger()
 
 
 def split_address(address: str, scheme: str) -> tuple[str, int]:
