@@ -113,6 +113,7 @@ class Connection:
         future = self._pending.get(msg_id)
         if future is not None and not future.done():
             self._on_lost(WorkerLost(f"{self.remote_id} did not answer within {self.reply_timeout:g} s"))
+            self._closing = self.loop.create_task(self.transport.close())
 
     def flush(self) -> None:
         """Hand the frame being built (and any batched deletes) to the transport now."""
