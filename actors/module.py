@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from actors.pointer import ObjectPointer, PointerTensor, call, send_tensor
+from actors.pointer import ObjectPointer, PointerTensor, call, move_pointers, send_tensor
 from protocol.allowlist import name_of
 
 if TYPE_CHECKING:
@@ -64,8 +64,7 @@ def location_of(module: nn.Module) -> RemoteWorker | None:
 
 def move_module(module: nn.Module, worker: RemoteWorker) -> nn.Module:
     """Move the parameters worker to worker (the leader relays nothing); returns ``module``."""
-    for pointer in module_pointers(module):
-        pointer.move(worker)
+    move_pointers(module_pointers(module), worker)
     return module
 
 

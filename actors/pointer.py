@@ -110,21 +110,32 @@ class ObjectPointer:
         Nothing is awaited: commands sent afterwards to ``destination`` that use the object wait
         on that worker until it has arrived.
         """
-        self._check_live()
-        source = self.location
-        if destination is source:
-            return self
-        new_id = new_object_id()
-        there = destination.connection
-        there.tell(Expect(there.next_id(), there.local_id, [new_id], source.id))
-        here = source.connection
-        here.tell(
-            Forward(here.next_id(), here.local_id, self.id, destination.id, destination.address, new_id)
-        )
-        self.location = destination
-        self.id = new_id
-        self._wire = None
+        move_pointers([self], destination)
         return self
+
+
+def move_pointers(pointers: list[ObjectPointer], destination: RemoteWorker) -> None:
+    """Move several objects to ``destination`` with one EXPECT there and one FORWARD per source
+    worker; each pointer is updated in place to follow its object."""
+    by_source: dict[int, tuple[RemoteWorker, list[ObjectPointer]]] = {}
+    for pointer in pointers:
+        pointer._check_live()
+        if pointer.location is not destination:
+            by_source.setdefault(id(pointer.location), (pointer.location, []))[1].append(pointer)
+    if not by_source:
+        return
+    new_ids = {id(p): new_object_id() for _, group in by_source.values() for p in group}
+    there = destination.connection
+    there.tell(Expect(there.next_id(), there.local_id, list(new_ids.values()), ""))
+    for source, group in by_source.values():
+        here = source.connection
+        fresh = [new_ids[id(p)] for p in group]
+        here.tell(Forward(here.next_id(), here.local_id, [p.id for p in group], destination.id,
+                          destination.address, fresh))  # fmt: skip
+        for pointer, new_id in zip(group, fresh, strict=True):
+            pointer.location = destination
+            pointer.id = new_id
+            pointer._wire = None
 
 
 def call(

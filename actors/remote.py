@@ -9,8 +9,10 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Any, Self
 
+from actors.api import send
 from actors.connection import Connection
-from protocol import Ping
+from actors.pointer import PointerTensor
+from protocol import Ping, published_id
 
 
 class RemoteWorker:
@@ -29,9 +31,12 @@ class RemoteWorker:
 
     def send(self, obj: Any) -> Any:
         """Send a tensor (returns a pointer) or a module (its parameters move here)."""
-        from actors.api import send  # noqa: PLC0415 - api builds on this module
-
         return send(obj, self)
+
+    def published(self, name: str) -> Any:
+        """A pointer to the worker's own object ``name`` (its data): compute on it there; it can
+        be neither fetched nor moved. No message is sent; ``await`` it to learn its shape."""
+        return PointerTensor(self, published_id(name))
 
     async def ping(self) -> dict[str, Any]:
         """The worker's status: id, objects held, uptime, protocol version."""

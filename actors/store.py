@@ -75,15 +75,13 @@ class ObjectStore:
             return Awaiting(obj_id, arrival)
         return ObjectNotFound(f"object {obj_id!r} not found")
 
-    def pop(self, obj_id: int) -> Any:
-        value = self.get(obj_id)
-        del self.objects[obj_id]
-        self.owners.pop(obj_id, None)
-        return value
-
-    def delete(self, obj_ids: Iterable[int]) -> None:
+    def delete(self, obj_ids: Iterable[int], requester: str) -> None:
+        """Drop objects; one owned by someone other than ``requester`` only loses that
+        reference, so a peer's dropped pointer never deletes a worker's own data."""
         objects, owners = self.objects, self.owners
         for obj_id in obj_ids:
+            if owners.get(obj_id, requester) != requester:
+                continue
             if objects.pop(obj_id, _MISSING) is not _MISSING:
                 owners.pop(obj_id, None)
             else:

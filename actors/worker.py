@@ -36,12 +36,14 @@ from protocol import (
     MalformedMessage,
     ObjectNotFound,
     ObjRef,
+    PermissionDenied,
     Ping,
     ProtocolError,
     Reply,
     Store,
     WireError,
     WorkerLost,
+    published_id,
 )
 from protocol.allowlist import COMMANDS, lookup
 from protocol.codec import Buffer
@@ -341,32 +343,52 @@ class Worker:
         elif mode == GetMode.META:
             session.reply(message.msg_id, describe(value))
         elif mode in (GetMode.COPY, GetMode.RELEASE):
+            self._check_may_leave(message.obj_id)
             session.reply(message.msg_id, value)
         else:
             raise MalformedMessage(f"unknown GET mode {mode!r}")
         if mode == GetMode.RELEASE:
-            self.store.delete((message.obj_id,))
+            self.store.delete((message.obj_id,), message.sender)
+
+    def _check_may_leave(self, obj_id: int) -> None:
+        """The worker's own objects (its data) are computed on where they are; they never leave."""
+        if self.store.owners.get(obj_id) == self.id:
+            raise PermissionDenied(f"object {obj_id:#x} is {self.id}'s own data; it does not leave {self.id}")
 
     def _on_delete(self, session: Session, message: Delete) -> None:
         if type(message.obj_ids) is not list:
             raise MalformedMessage("DELETE needs a list of object ids")
-        self.store.delete(message.obj_ids)
+        self.store.delete(message.obj_ids, message.sender)
 
     def _on_forward(self, session: Session, message: Forward) -> None:
-        try:
-            value = self._lookup(message.obj_id)
-        except ObjectNotFound as exc:
-            value = Failure(WireError.from_exception(exc, message.obj_id))
-        owner = self.store.owners.get(message.obj_id, message.sender)
+        obj_ids, new_ids = message.obj_ids, message.new_ids
+        if type(obj_ids) is not list or type(new_ids) is not list or len(obj_ids) != len(new_ids):
+            raise MalformedMessage("FORWARD needs two lists of object ids of the same length")
         peer = self.peer(message.dest_id, message.dest_address)
-        payload = value.error if type(value) is Failure else value
-        try:
-            peer.tell(Store(peer.next_id(), self.id, message.new_id, payload, owner))
-        except Exception as exc:  # unsendable value: the receiver learns it failed, no hang
-            error = WireError.from_exception(exc, message.obj_id)
-            peer.tell(Store(peer.next_id(), self.id, message.new_id, error, owner))
+        for obj_id, new_id in zip(obj_ids, new_ids, strict=True):
+            owner = self.store.owners.get(obj_id, message.sender)
+            try:
+                value = self._lookup(obj_id)
+                self._check_may_leave(obj_id)
+            except (ObjectNotFound, PermissionDenied) as exc:
+                value = Failure(WireError.from_exception(exc, obj_id))
+                owner = message.sender
+                session.error(message.msg_id, value.error)
+            payload = value.error if type(value) is Failure else value
+            try:
+                peer.tell(Store(peer.next_id(), self.id, new_id, payload, owner))
+            except Exception as exc:  # unsendable value: the receiver learns it failed, no hang
+                error = WireError.from_exception(exc, obj_id)
+                peer.tell(Store(peer.next_id(), self.id, new_id, error, owner))
         if message.release:
-            self.store.delete((message.obj_id,))
+            self.store.delete(obj_ids, message.sender)
+
+    def publish(self, name: str, value: Any) -> int:
+        """Hold ``value`` as this worker's own object called ``name``: peers can compute on it
+        (and read its shape) through a pointer, but can neither fetch, move nor delete it."""
+        obj_id = published_id(name)
+        self.store.put(obj_id, value, self.id)
+        return obj_id
 
     def _on_expect(self, session: Session, message: Expect) -> None:
         if type(message.obj_ids) is not list or not all(type(i) is int for i in message.obj_ids):

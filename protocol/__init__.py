@@ -36,6 +36,7 @@ from protocol.messages import (
     Ping,
     Reply,
     Store,
+    published_id,
 )
 
 __all__ = [
@@ -72,5 +73,6 @@ __all__ = [
     "UnsupportedVersion",
     "WireError",
     "WorkerLost",
+    "published_id",
     "ref_ext",
 ]

@@ -8,16 +8,30 @@ Object ids are chosen by whoever creates the object (random 63-bit integers), wh
 a leader pipeline ``y = x + 1; z = y * 2`` without waiting for any reply: both commands name their
 result ids up front. Replies name the id of the message they answer.
 
+Objects a worker holds on its own behalf (its data, published under a name) have ids derived
+from the name (:func:`published_id`), in a range random ids never take, so a leader can point at
+a worker's dataset without asking for it.
+
 Version history:
     1 - STORE, COMMAND, GET, DELETE, FORWARD, EXPECT, PING, REPLY, ERROR.
 """
 
 from __future__ import annotations
 
+import hashlib
 from enum import IntEnum
 from typing import Any, NamedTuple
 
 PROTOCOL_VERSION = 1
+
+#: Random object ids lie in [1, 2**62]; published ones in (2**62, 2**63).
+RANDOM_ID_LIMIT = 1 << 62
+
+
+def published_id(name: str) -> int:
+    """The object id under which a worker publishes its own object called ``name``."""
+    digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+    return RANDOM_ID_LIMIT + 1 + int.from_bytes(digest, "big") % (RANDOM_ID_LIMIT - 1)
 
 
 class Kind(IntEnum):
@@ -84,18 +98,20 @@ class Delete(NamedTuple):
 
 
 class Forward(NamedTuple):
-    """Send object ``obj_id`` straight to another worker as ``new_id`` (the leader never relays).
+    """Send objects ``obj_ids`` straight to another worker as ``new_ids`` (the leader never
+    relays their data).
 
     ``dest_address`` is how to reach the destination (``virtual://alice``, ``ws://host:port``);
-    with ``release`` the object leaves this worker, which is a move rather than a copy.
+    with ``release`` the objects leave this worker, which is a move rather than a copy. A whole
+    model moves in one FORWARD.
     """
 
     msg_id: int
     sender: str
-    obj_id: int
+    obj_ids: list[int]
     dest_id: str
     dest_address: str
-    new_id: int
+    new_ids: list[int]
     release: bool = True
 
 
