@@ -165,13 +165,11 @@ class Connection:
     # -- receiving --------------------------------------------------------------------------
     def _on_frame(self, frame: Buffer) -> None:
         try:
-            messages = self.codec.decode(frame)
+            for message in self.codec.decode(frame):
+                self._on_message(message)
         except SyftError as exc:
             self.log.warning("undecodable frame from worker", error=str(exc))
             self.protocol_errors.append(exc)
-            return
-        for message in messages:
-            self._on_message(message)
 
     def _on_message(self, message: Any) -> None:
         kind = type(message)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -81,7 +81,15 @@ class Session:
         trace = worker.log.debug if tracing() else None
         while True:
             frame = await mailbox.get()
-            for message in worker.decode(self, frame):
+            messages = worker.decode(self, frame)
+            while True:
+                try:  # a frame can turn unreadable midway: serve what came before, report the rest
+                    message = next(messages)
+                except StopIteration:
+                    break
+                except ProtocolError as exc:
+                    worker.report_bad_frame(self, exc)
+                    break
                 if trace is not None:
                     trace("message", msg_id=message.msg_id, kind=type(message).__name__, sender=self.peer_id)
                 while True:
@@ -209,13 +217,16 @@ class Worker:
         return connection
 
     # -- the per-message path ---------------------------------------------------------------
-    def decode(self, session: Session, frame: Buffer) -> list[Any]:
+    def decode(self, session: Session, frame: Buffer) -> Iterator[Any]:
         try:
             return self.codec.decode(frame)
         except ProtocolError as exc:
-            self.log.warning("bad frame", sender=session.peer_id, msg_id=exc.msg_id, error=str(exc))
-            session.error(exc.msg_id or 0, WireError.from_exception(exc))
-            return []
+            self.report_bad_frame(session, exc)
+            return iter(())
+
+    def report_bad_frame(self, session: Session, exc: ProtocolError) -> None:
+        self.log.warning("bad frame", sender=session.peer_id, msg_id=exc.msg_id, error=str(exc))
+        session.error(exc.msg_id or 0, WireError.from_exception(exc))
 
     def dispatch(self, session: Session, message: Any) -> None:
         handler = self._handlers.get(type(message))

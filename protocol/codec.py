@@ -13,7 +13,10 @@ mutation by the sender), and decoded with :func:`torch.frombuffer` straight over
 frame, so a writable frame (a ``bytearray``) gives writable tensors without another copy.
 
 Only the types below can cross the wire; anything else is refused on encode and is a
-:class:`~protocol.errors.MalformedFrame` on decode. Nothing is unpickled or evaluated.
+:class:`~protocol.errors.MalformedFrame` on decode (msgpack's own timestamp extension, -1,
+decodes natively to ``msgpack.Timestamp``: an inert value that no allowlisted operation takes).
+Nesting is bounded, since every nested extension value is one more native unpack on the C
+stack. Nothing is unpickled or evaluated.
 """
 
 from __future__ import annotations
@@ -45,6 +48,27 @@ PREFIX = struct.Struct("<2sBBII")  # little endian
 ALIGN = 64
 #: Default largest frame: big enough for real models (issue: at least 256 MiB).
 DEFAULT_MAX_FRAME = 1 << 30
+#: How deep tuples, slices and other extension values may nest inside one another.
+MAX_DEPTH = 32
+_CONTAINERS = (list, dict, tuple)
+
+
+def _check_structure(value: Any, depth: int) -> None:
+    """Refuse what msgpack would pack but a receiver could not take back: maps with keys that
+    are not strings, and nesting deeper than :data:`MAX_DEPTH`."""
+    if depth > MAX_DEPTH:
+        raise BadArguments(f"values nest deeper than {MAX_DEPTH} levels")
+    if type(value) is dict:
+        for key, item in value.items():
+            if type(key) is not str and type(key) is not bytes:
+                raise BadArguments(f"map keys must be strings, not {type(key).__name__}")
+            if type(item) in _CONTAINERS:
+                _check_structure(item, depth + 1)
+    else:
+        for item in value:
+            if type(item) in _CONTAINERS:
+                _check_structure(item, depth + 1)
+
 
 # Extension type codes. Append only: a code's meaning never changes within a protocol version.
 EXT_TENSOR = 1
@@ -119,6 +143,8 @@ def _align(n: int) -> int:
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """A flat byte view of a contiguous tensor, for any dtype (bfloat16 and bool included)."""
     flat = t.reshape(-1)
+    if flat.numel() and flat.stride(0) != 1:  # a one-element view keeps its odd stride
+        flat = flat.clone(memory_format=torch.contiguous_format)
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
@@ -137,6 +163,7 @@ class FrameBuilder:
         self._header_len = 0
         self._buffers: list[tuple[int, torch.Tensor]] = []
         self._data_len = 0
+        self._depth = 0
 
     def __len__(self) -> int:
         return len(self._headers)
@@ -157,10 +184,16 @@ class FrameBuilder:
         per-operation path builds this list directly instead of a message tuple."""
         buffers, data_len = len(self._buffers), self._data_len
         try:
+            for field in fields:
+                if type(field) in _CONTAINERS:
+                    _check_structure(field, 0)
+            self._depth = 0
             packed = self._packer.pack(fields)
-        except (TypeError, ValueError, OverflowError) as exc:
+        except Exception as exc:  # nothing of a refused message may stay in the frame
             del self._buffers[buffers:]
             self._data_len = data_len
+            if isinstance(exc, ProtocolError):
+                raise
             raise BadArguments(f"cannot encode message of kind {fields[0]}: {exc}") from exc
         self._headers.append(packed)
         self._header_len += len(packed)
@@ -198,9 +231,13 @@ class FrameBuilder:
         kind = type(obj)
         if isinstance(obj, torch.Tensor):
             return self._encode_tensor(obj)
+        if kind is PointerRef:
+            return msgpack.ExtType(EXT_POINTER, self._pack_nested(list(obj)))
         if isinstance(obj, tuple):  # tuple, torch.Size, torch.return_types, NamedTuples
             return msgpack.ExtType(EXT_TUPLE, self._pack_nested(list(obj)))
         if kind is ObjRef:
+            if type(obj.id) is not int or not 0 <= obj.id < 1 << 64:
+                raise BadArguments(f"object ids are unsigned 64-bit integers, not {obj.id!r}")
             return msgpack.ExtType(EXT_REF, _REF.pack(obj.id))
         if kind is slice:
             return msgpack.ExtType(EXT_SLICE, self._pack_nested([obj.start, obj.stop, obj.step]))
@@ -225,7 +262,13 @@ class FrameBuilder:
         raise TypeError(f"cannot send an object of type {kind.__module__}.{kind.__qualname__}")
 
     def _pack_nested(self, obj: Any) -> bytes:
-        return msgpack.packb(obj, default=self._default, strict_types=True)
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise BadArguments(f"values nest deeper than {MAX_DEPTH} levels")
+        try:
+            return msgpack.packb(obj, default=self._default, strict_types=True)
+        finally:
+            self._depth -= 1
 
     def _encode_tensor(self, t: torch.Tensor) -> msgpack.ExtType:
         if t.layout is not torch.strided:
@@ -331,11 +374,12 @@ def _messages(unpacker: msgpack.Unpacker, header_len: int, count: int) -> Iterat
 class _FrameReader:
     """Decodes the extension types of one frame; tensors are views of that frame's bytes."""
 
-    __slots__ = ("data_start", "frame")
+    __slots__ = ("data_start", "depth", "frame")
 
     def __init__(self, frame: Buffer, data_start: int) -> None:
         self.frame = frame
         self.data_start = data_start
+        self.depth = 0
 
     def ext_hook(self, code: int, data: bytes) -> Any:
         try:
@@ -352,6 +396,8 @@ class _FrameReader:
             if code == EXT_ELLIPSIS:
                 return Ellipsis
             if code == EXT_DTYPE:
+                if len(data) != 1 or data[0] >= len(DTYPES):
+                    raise MalformedFrame(f"unknown dtype code {bytes(data)!r}")
                 return DTYPES[data[0]]
             if code == EXT_ERROR:
                 type_name, message, tb, failed_id = self._unpack_nested(data, list)
@@ -366,13 +412,22 @@ class _FrameReader:
         raise MalformedFrame(f"unknown extension type {code}")
 
     def _unpack_nested(self, data: bytes, expected: type) -> Any:
-        value = msgpack.unpackb(data, ext_hook=self.ext_hook, raw=False, strict_map_key=True)
+        # Each level is a C-level unpack on the native stack: bound it (deep nesting crashed it).
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise MalformedFrame(f"extension values nest deeper than {MAX_DEPTH} levels")
+        try:
+            value = msgpack.unpackb(data, ext_hook=self.ext_hook, raw=False, strict_map_key=True)
+        finally:
+            self.depth -= 1
         if not isinstance(value, expected):
             raise MalformedFrame(f"expected {expected.__name__}, got {type(value).__name__}")
         return value
 
     def _decode_tensor(self, data: bytes) -> torch.Tensor:
         code, shape, offset, flags, grad = self._unpack_nested(data, list)
+        if type(code) is not int or not 0 <= code < len(DTYPES):
+            raise MalformedFrame(f"unknown tensor dtype code {code!r}")
         dtype = DTYPES[code]
         if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
             raise MalformedFrame(f"bad tensor shape {shape!r}")
