@@ -16,8 +16,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from actors.log import get_logger
 from actors.pointer import ObjectPointer, PointerTensor, call, move_pointers, send_tensor
 from protocol.allowlist import name_of
+
+_log = get_logger()
 
 if TYPE_CHECKING:
     from actors.remote import RemoteWorker
@@ -83,8 +86,10 @@ async def get_module(module: nn.Module) -> nn.Module:
 class RemoteOptimizer:
     """A ``torch.optim`` optimizer that lives with the parameters it updates.
 
-    Built lazily on the parameters' worker; if the parameters move, it is rebuilt where they went
-    (the optimizer's own state, such as momentum buffers, does not follow them).
+    Plain SGD (no momentum, dampening or Nesterov) is stateless: each step is one command on
+    whatever worker the parameters are on, so a model can walk between workers freely. Any other
+    optimizer is built on the parameters' worker and rebuilt if they move; its state (momentum,
+    Adam moments) does not follow them, which a warning says.
     """
 
     def __init__(
@@ -95,23 +100,34 @@ class RemoteOptimizer:
         if not self.params or not all(isinstance(p, PointerTensor) for p in self.params):
             raise TypeError("RemoteOptimizer needs the pointer parameters of a sent module")
         self.hyper = hyper
+        self._stateless = optimizer_cls is torch.optim.SGD and set(hyper) <= {"lr", "weight_decay"}
+        if self._stateless and "lr" not in hyper:
+            raise TypeError("SGD needs a learning rate")
         self._remote: ObjectPointer | None = None
         self._built_for: tuple[Any, ...] = ()
 
-    def _handle(self) -> ObjectPointer:
+    def _location(self) -> RemoteWorker:
         location = self.params[0].location
+        if any(p.location is not location for p in self.params):
+            raise ValueError("the parameters of one optimizer must live on one worker")
+        return location
+
+    def _handle(self) -> ObjectPointer:
+        location = self._location()
         key = (location, *(p.id for p in self.params))
         if self._remote is None or key != self._built_for:
-            if any(p.location is not location for p in self.params):
-                raise ValueError("the parameters of one optimizer must live on one worker")
+            if self._remote is not None:
+                _log.warning("optimizer rebuilt where its parameters moved; its state did not follow",
+                             optimizer=self._op, worker=location.id)  # fmt: skip
             self._remote = call(location, self._op, [self.params], self.hyper, ObjectPointer)
             self._built_for = key
         return self._remote
 
-    def zero_grad(self, set_to_none: bool = True) -> ObjectPointer:
-        handle = self._handle()
-        return call(handle.location, "Optimizer.zero_grad", [handle, set_to_none], None, ObjectPointer)
+    def zero_grad(self) -> ObjectPointer:
+        return call(self._location(), "optim.zero_grad", [self.params], None, ObjectPointer)
 
     def step(self) -> ObjectPointer:
+        if self._stateless:
+            return call(self._location(), "optim.sgd_step", [self.params], self.hyper, ObjectPointer)
         handle = self._handle()
         return call(handle.location, "Optimizer.step", [handle], None, ObjectPointer)

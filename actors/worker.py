@@ -11,6 +11,7 @@ queue waits, so the peer's own session keeps running and delivers it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -45,7 +46,7 @@ from protocol import (
     WorkerLost,
     published_id,
 )
-from protocol.allowlist import COMMANDS, lookup
+from protocol.allowlist import COMMANDS, JOBS, lookup
 from protocol.codec import Buffer
 
 #: Default mailbox bound per sender: enough to keep a pipeline full, small enough to bound memory.
@@ -154,6 +155,7 @@ class Worker:
         self.codec = Codec(max_frame_size)
         self.sessions: set[Session] = set()
         self.peers: dict[str, Connection] = {}
+        self._jobs: set[int] = set()
         self.started = time.monotonic()
         self.log = get_logger(worker=worker_id)
         self._msg_ids = iter(range(1, 1 << 62)).__next__
@@ -245,8 +247,9 @@ class Worker:
 
     async def wait_for_arrival(self, awaiting: Awaiting, owner: str) -> None:
         """Wait (bounded) for an announced object; if it never comes, it becomes a failure."""
+        timeout = None if awaiting.obj_id in self._jobs else self.expect_timeout  # jobs take their time
         try:
-            await asyncio.wait_for(asyncio.shield(awaiting.arrival), self.expect_timeout)
+            await asyncio.wait_for(asyncio.shield(awaiting.arrival), timeout)
         except TimeoutError:
             error = WorkerLost(
                 f"object {awaiting.obj_id:#x} was announced but did not arrive within "
@@ -283,9 +286,10 @@ class Worker:
                 if type(kwargs) is not dict:
                     raise BadArguments(f"{op}: keyword arguments must be a map")
                 self._resolve_values(kwargs)
-                result = fn(*args, **kwargs)
-            else:
-                result = fn(*args)
+            if op in JOBS:
+                self._start_job(session, message, functools.partial(fn, *args, **(kwargs or {})))
+                return
+            result = fn(*args, **kwargs) if kwargs else fn(*args)
         except Awaiting:
             raise
         except _DependencyFailed as dependency:
@@ -300,6 +304,31 @@ class Worker:
         if type(result_id) is not int:
             raise MalformedMessage("a command's result id must be an integer")
         self.store.put(result_id, result, message.sender)
+
+    def _start_job(self, session: Session, message: Command, job: Callable[[], Any]) -> None:
+        """Run a job in a thread; its result id is announced until it is done, so commands that
+        use it wait for it, while everything else (other senders, pings) is served meanwhile."""
+        result_id = message.result_id
+        if type(result_id) is not int:
+            raise MalformedMessage("a command's result id must be an integer")
+        self.store.expect(result_id)
+        self._jobs.add(result_id)
+        self.log.info("job started", sender=session.peer_id, msg_id=message.msg_id, op=message.op)
+
+        def done(future: asyncio.Future[Any]) -> None:
+            self._jobs.discard(result_id)
+            if future.cancelled():
+                return
+            exc = future.exception()
+            if exc is None:
+                result = future.result()
+            else:
+                result = Failure(WireError.from_exception(exc, result_id))
+                session.error(0, result.error)
+            self.store.put(result_id, result, message.sender)
+            self.log.info("job done", sender=session.peer_id, msg_id=message.msg_id, failed=exc is not None)
+
+        asyncio.get_running_loop().run_in_executor(None, job).add_done_callback(done)
 
     def _resolve(self, args: list[Any]) -> None:
         """Replace object references by the objects, in place (the list was just decoded)."""

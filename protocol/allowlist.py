@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the name everyone reads
 
 from protocol.errors import BadArguments, CommandNotAllowed
+from protocol.modules import fit
 
 # Functions that exist both as ``torch.<name>`` and as ``Tensor.<name>``.
 _MATH = """
@@ -123,6 +124,27 @@ def _optimizer_zero_grad(optimizer: Any, set_to_none: bool = True) -> None:
     _optimizer(optimizer).zero_grad(set_to_none=bool(set_to_none))
 
 
+def _tensors(params: Any, op: str) -> list[torch.Tensor]:
+    if not isinstance(params, list | tuple) or not all(isinstance(p, torch.Tensor) for p in params):
+        raise BadArguments(f"{op} takes a list of parameter tensors")
+    return list(params)
+
+
+def _sgd_step(params: Any, lr: float, weight_decay: float = 0.0) -> None:
+    """Plain SGD as ``torch.optim.SGD`` computes it (same arithmetic, same result), without an
+    optimizer object: nothing to rebuild when a model walks from worker to worker."""
+    with torch.no_grad():
+        pairs = [(p, p.grad) for p in _tensors(params, "optim.sgd_step") if p.grad is not None]
+        for param, grad in pairs:
+            step = grad.add(param, alpha=weight_decay) if weight_decay else grad
+            param.add_(step, alpha=-lr)
+
+
+def _zero_grad(params: Any) -> None:
+    for param in _tensors(params, "optim.zero_grad"):
+        param.grad = None
+
+
 def _build() -> tuple[dict[str, Callable[..., Any]], dict[Any, str]]:
     commands: dict[str, Callable[..., Any]] = {}
     names: dict[Any, str] = {}
@@ -147,6 +169,9 @@ def _build() -> tuple[dict[str, Callable[..., Any]], dict[Any, str]]:
         names[cls] = f"optim.{name}"
     commands["Optimizer.step"] = _optimizer_step
     commands["Optimizer.zero_grad"] = _optimizer_zero_grad
+    commands["optim.sgd_step"] = _sgd_step
+    commands["optim.zero_grad"] = _zero_grad
+    commands["nn.fit"] = fit
     commands["nn.utils.clip_grad_norm_"] = torch.nn.utils.clip_grad_norm_
     commands["getitem"] = operator.getitem
     return commands, names
@@ -154,6 +179,8 @@ def _build() -> tuple[dict[str, Callable[..., Any]], dict[Any, str]]:
 
 #: Wire name -> the callable a worker runs for it.
 COMMANDS, _NAME_OF = _build()
+#: Commands that are whole jobs: a worker runs them off its event loop and keeps serving.
+JOBS = frozenset({"nn.fit"})
 
 
 def lookup(op: object) -> Callable[..., Any]:

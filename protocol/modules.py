@@ -1,0 +1,131 @@
+"""Models as data, and the training job a worker runs on its own data.
+
+A federated job (FedAvg: "train E epochs on your shard") must run on the worker as one unit, not
+operation by operation, so the worker needs the model itself. Code never travels: a model
+crosses as a *spec*, a list of allowlisted layer names with their constructor arguments, plus its
+state tensors, and the worker rebuilds it from those. Only ``nn.Sequential`` stacks of the layers
+in :data:`LAYERS` can be described; anything else is refused with the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from protocol.errors import BadArguments
+
+#: Layer name -> (class, constructor arguments read back from an instance).
+LAYERS: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
+    "Linear": (nn.Linear, ("in_features", "out_features", "bias")),
+    "Conv2d": (nn.Conv2d, ("in_channels", "out_channels", "kernel_size", "stride", "padding", "bias")),
+    "AvgPool2d": (nn.AvgPool2d, ("kernel_size", "stride", "padding")),
+    "BatchNorm1d": (nn.BatchNorm1d, ("num_features", "eps", "momentum", "affine", "track_running_stats")),
+    "Dropout": (nn.Dropout, ("p",)),
+    "Flatten": (nn.Flatten, ("start_dim", "end_dim")),
+    "Identity": (nn.Identity, ()),
+    "LeakyReLU": (nn.LeakyReLU, ("negative_slope",)),
+    "LogSoftmax": (nn.LogSoftmax, ("dim",)),
+    "ReLU": (nn.ReLU, ()),
+    "Sigmoid": (nn.Sigmoid, ()),
+    "Softmax": (nn.Softmax, ("dim",)),
+    "Tanh": (nn.Tanh, ()),
+}
+_NAME_OF_LAYER = {cls: name for name, (cls, _) in LAYERS.items()}
+
+#: Loss name -> function, for jobs.
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "mse": F.mse_loss,
+    "bce_logits": F.binary_cross_entropy_with_logits,
+    "cross_entropy": F.cross_entropy,
+}
+
+
+def _argument(layer: nn.Module, name: str) -> Any:
+    if name == "bias":
+        return layer.bias is not None  # type: ignore[union-attr]
+    value = getattr(layer, name)
+    return tuple(value) if isinstance(value, list) else value
+
+
+def module_spec(module: nn.Module) -> list[list[Any]]:
+    """``module`` as ``[[layer name, {argument: value}], ...]``; TypeError if it cannot be."""
+    layers = list(module) if isinstance(module, nn.Sequential) else [module]
+    spec = []
+    for layer in layers:
+        name = _NAME_OF_LAYER.get(type(layer))
+        if name is None:
+            raise TypeError(
+                f"{type(layer).__name__} cannot be described for a remote job: use nn.Sequential of "
+                f"{', '.join(LAYERS)}"
+            )
+        spec.append([name, {arg: _argument(layer, arg) for arg in LAYERS[name][1]}])
+    return spec
+
+
+def build_module(spec: Any) -> nn.Sequential:
+    """The module a spec describes (fresh parameters; load a state into it)."""
+    if not isinstance(spec, list):
+        raise BadArguments("a module spec is a list of [layer name, arguments]")
+    layers = []
+    for entry in spec:
+        if not (isinstance(entry, list | tuple) and len(entry) == 2 and isinstance(entry[1], dict)):
+            raise BadArguments(f"bad layer entry {entry!r}")
+        name, arguments = entry
+        known = LAYERS.get(name) if isinstance(name, str) else None
+        if known is None:
+            raise BadArguments(f"layer {name!r} is not allowed in a module spec")
+        cls, allowed = known
+        if not set(arguments) <= set(allowed):
+            raise BadArguments(f"{name} takes {allowed}, got {sorted(arguments)}")
+        layers.append(cls(**arguments))
+    return nn.Sequential(*layers)
+
+
+def load_state(module: nn.Module, state: Any) -> None:
+    """Copy ``state`` (tensors in ``state_dict`` order) into ``module``."""
+    keys = list(module.state_dict())
+    if not isinstance(state, list | tuple) or len(state) != len(keys):
+        raise BadArguments(f"the model has {len(keys)} state tensors, got {len(state)}")
+    module.load_state_dict(dict(zip(keys, state, strict=True)))
+
+
+def fit(
+    spec: Any,
+    state: Any,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    loss: str = "mse",
+    lr: float = 0.01,
+    epochs: int = 1,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> list[Any]:
+    """Train a model on ``(x, y)`` with SGD: shuffled mini-batches, a generator seeded by ``seed``.
+
+    Returns ``[new state tensors, mean training loss]``. The leader calls the very same function
+    for its pure-PyTorch reference, so a job on one worker equals local training exactly.
+    """
+    loss_fn = LOSSES.get(loss)
+    if loss_fn is None:
+        raise BadArguments(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) or len(x) != len(y):
+        raise BadArguments("fit takes feature and target tensors of the same length")
+    model = build_module(spec)
+    load_state(model, state)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    total, steps = 0.0, 0
+    for _ in range(int(epochs)):
+        for batch in torch.randperm(len(x), generator=generator).split(int(batch_size)):
+            optimizer.zero_grad()
+            value = loss_fn(model(x[batch]), y[batch])
+            value.backward()
+            optimizer.step()
+            total += value.item()
+            steps += 1
+    return [[t.detach().clone() for t in model.state_dict().values()], total / max(steps, 1)]
