@@ -80,6 +80,15 @@ class Connection:
             raise self.lost
         self._added(self._frame.add(message))
 
+    def tell_all(self, messages: list[Any]) -> None:
+        """Send ``messages`` together: what they carry is captured once, in one frame."""
+        if self.lost is not None:
+            raise self.lost
+        holds_views = False
+        for message in messages:
+            holds_views = self._frame.add(message) or holds_views
+        self._added(holds_views)
+
     def command(self, result_id: int, op: str, args: list[Any], kwargs: dict[str, Any] | None) -> None:
         """Pipeline one COMMAND; the hot path of every pointer operation."""
         if self.lost is not None:

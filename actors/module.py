@@ -126,8 +126,14 @@ class RemoteOptimizer:
     def zero_grad(self) -> ObjectPointer:
         return call(self._location(), "optim.zero_grad", [self.params], None, ObjectPointer)
 
-    def step(self) -> ObjectPointer:
+    def step(self, *, zero_grad: bool = False) -> ObjectPointer:
+        """One step; ``zero_grad=True`` also drops the gradients, as ``zero_grad()`` right after
+        would (one command instead of two, and no gradients to carry if the model moves next)."""
         if self._stateless:
-            return call(self._location(), "optim.sgd_step", [self.params], self.hyper, ObjectPointer)
+            options = {**self.hyper, "zero_grad": True} if zero_grad else self.hyper
+            return call(self._location(), "optim.sgd_step", [self.params], options, ObjectPointer)
+        if zero_grad:
+            self.step()
+            return self.zero_grad()
         handle = self._handle()
         return call(handle.location, "Optimizer.step", [handle], None, ObjectPointer)

@@ -246,21 +246,37 @@ class Worker:
             session.error(msg_id or 0, WireError.from_exception(exc))
 
     async def wait_for_arrival(self, awaiting: Awaiting, owner: str) -> None:
-        """Wait (bounded) for an announced object; if it never comes, it becomes a failure."""
-        timeout = None if awaiting.obj_id in self._jobs else self.expect_timeout  # jobs take their time
+        """Wait (bounded) for an announced object; if it never comes, it becomes a failure.
+
+        A plain future and a timer rather than ``wait_for(shield(...))``: a walking model waits
+        here once per step, and the task machinery of ``wait_for`` cost more than the step.
+        """
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+
+        def arrived(_: asyncio.Future[None]) -> None:
+            if not waiter.done():
+                waiter.set_result(True)
+
+        def expired() -> None:
+            if not waiter.done():
+                waiter.set_result(False)
+
+        awaiting.arrival.add_done_callback(arrived)
+        timer = None if awaiting.obj_id in self._jobs else loop.call_later(self.expect_timeout, expired)
         try:
-            await asyncio.wait_for(asyncio.shield(awaiting.arrival), timeout)
-        except TimeoutError:
+            came = await waiter
+        finally:
+            awaiting.arrival.remove_done_callback(arrived)
+            if timer is not None:
+                timer.cancel()
+        if not came:
             error = WorkerLost(
                 f"object {awaiting.obj_id:#x} was announced but did not arrive within "
                 f"{self.expect_timeout:g} s"
             )
             self.store.put(awaiting.obj_id, Failure(WireError.from_exception(error, awaiting.obj_id)), owner)
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise
-            # The announced object was deleted before it came: the retry reports it missing.
+        # If the announced object was deleted before it came, the retry reports it missing.
 
     def _on_command(self, session: Session, message: Command) -> None:
         result_id = message.result_id
@@ -405,6 +421,7 @@ class Worker:
         if type(obj_ids) is not list or type(new_ids) is not list or len(obj_ids) != len(new_ids):
             raise MalformedMessage("FORWARD needs two lists of object ids of the same length")
         peer = self.peer(message.dest_id, message.dest_address)
+        stores = []
         for obj_id, new_id in zip(obj_ids, new_ids, strict=True):
             owner = self.store.owners.get(obj_id, message.sender)
             try:
@@ -415,11 +432,16 @@ class Worker:
                 owner = message.sender
                 session.error(message.msg_id, value.error)
             payload = value.error if type(value) is Failure else value
-            try:
-                peer.tell(Store(peer.next_id(), self.id, new_id, payload, owner))
-            except Exception as exc:  # unsendable value: the receiver learns it failed, no hang
-                error = WireError.from_exception(exc, obj_id)
-                peer.tell(Store(peer.next_id(), self.id, new_id, error, owner))
+            stores.append(Store(peer.next_id(), self.id, new_id, payload, owner))
+        try:
+            peer.tell_all(stores)  # a whole model crosses in one frame
+        except Exception:  # some value cannot travel: send each alone, failures as failures
+            for store in stores:
+                try:
+                    peer.tell(store)
+                except Exception as exc:
+                    error = WireError.from_exception(exc, store.obj_id)
+                    peer.tell(store._replace(obj=error))
         if message.release:
             self.store.delete(obj_ids, message.sender)
 

@@ -130,14 +130,17 @@ def _tensors(params: Any, op: str) -> list[torch.Tensor]:
     return list(params)
 
 
-def _sgd_step(params: Any, lr: float, weight_decay: float = 0.0) -> None:
+def _sgd_step(params: Any, lr: float, weight_decay: float = 0.0, zero_grad: bool = False) -> None:
     """Plain SGD as ``torch.optim.SGD`` computes it (same arithmetic, same result), without an
-    optimizer object: nothing to rebuild when a model walks from worker to worker."""
+    optimizer object: nothing to rebuild when a model walks from worker to worker. With
+    ``zero_grad`` the gradients are dropped after the step, saving a command per step."""
     with torch.no_grad():
-        pairs = [(p, p.grad) for p in _tensors(params, "optim.sgd_step") if p.grad is not None]
-        for param, grad in pairs:
-            step = grad.add(param, alpha=weight_decay) if weight_decay else grad
-            param.add_(step, alpha=-lr)
+        for param in _tensors(params, "optim.sgd_step"):
+            grad = param.grad
+            if grad is not None:
+                param.add_(grad.add(param, alpha=weight_decay) if weight_decay else grad, alpha=-lr)
+                if zero_grad:
+                    param.grad = None
 
 
 def _zero_grad(params: Any) -> None:

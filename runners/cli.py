@@ -12,7 +12,11 @@ from actors.auth import TOKEN_ENV
 from actors.net import TRANSPORTS
 from runners.bench import bench_pointers, bench_transport, format_pointers, format_transport, write_json
 from runners.cluster import launch, run_worker
+from runners.datasets import DATA_ENV, SOURCES
 from runners.demo import demo
+from runners.experiments import TRANSPORTS as EXPERIMENT_TRANSPORTS
+from runners.experiments import settings_from, table1, train_command, use_data_dir
+from runners.federated import SPLITS, Federation
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,6 +33,31 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--port", type=int, default=8777, help="0 picks a free port")
     worker.add_argument("--token", help=f"shared secret (default: ${TOKEN_ENV}; none: accept anyone)")
     worker.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    worker.add_argument("--dataset", choices=sorted(SOURCES), help="load and hold a shard of this dataset")
+    worker.add_argument("--shard", default="0/1", help="which shard, as K/N (default 0/1)")
+    worker.add_argument("--split", choices=SPLITS, default="round-robin")
+    worker.add_argument("--split-seed", type=int, default=0)
+    worker.add_argument("--batch-size", type=int, default=8, help="batch size of a round-robin split")
+    worker.add_argument("--data-dir", help=f"dataset folder (default: ${DATA_ENV}, else the user cache)")
+
+    train = commands.add_parser("train", help="federated training on Boston Housing or Pima Diabetes")
+    train.add_argument("--dataset", choices=sorted(SOURCES), default="boston")
+    train.add_argument("--workers", type=int, default=2)
+    train.add_argument("--transport", choices=EXPERIMENT_TRANSPORTS, default="virtual")
+    train.add_argument("--style", choices=("walk", "fedavg"), default="walk")
+    train.add_argument("--epochs", type=int, help="epochs (walk) or local epochs per round (fedavg)")
+    train.add_argument("--rounds", type=int, default=10, help="FedAvg rounds")
+    train.add_argument("--lr", type=float)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--split", choices=SPLITS, default="round-robin")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--data-dir", help=f"dataset folder (default: ${DATA_ENV}, else the user cache)")
+
+    table = commands.add_parser("table1", help="the paper's Table 1 (training time per mode), measured here")
+    table.add_argument("--repeats", type=int, default=5, help="timed runs per mode; the median is reported")
+    table.add_argument("--json", type=Path, help="also write the rows to this file")
+    table.add_argument("--png", type=Path, default=Path("table1.png"), help="bar chart (default table1.png)")
+    table.add_argument("--data-dir", help=f"dataset folder (default: ${DATA_ENV}, else the user cache)")
 
     launch = commands.add_parser("launch", help="start N local worker processes; Ctrl-C stops them")
     launch.add_argument("--workers", required=True, help="comma-separated ids, e.g. alice,bob,carol")
@@ -54,9 +83,40 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "demo":
         asyncio.run(demo())
     elif args.command == "worker":
+        data = None
+        if args.dataset is not None:
+            shard, _, count = args.shard.partition("/")
+            federation = Federation(
+                args.dataset, int(count or 1), args.split, args.split_seed, args.batch_size
+            )
+            data = (federation, int(shard), args.data_dir)
         asyncio.run(
-            run_worker(args.id, args.transport, args.host, args.port, token=args.token, threads=args.threads)
+            run_worker(
+                args.id,
+                args.transport,
+                args.host,
+                args.port,
+                token=args.token,
+                threads=args.threads,
+                data=data,
+            )
         )
+    elif args.command == "train":
+        use_data_dir(args.data_dir)
+        asyncio.run(
+            train_command(
+                args.dataset,
+                args.workers,
+                args.transport,
+                args.style,
+                settings_from(args),
+                args.rounds,
+                args.split,
+            )
+        )
+    elif args.command == "table1":
+        use_data_dir(args.data_dir)
+        asyncio.run(table1(args.repeats, args.json, args.png))
     elif args.command == "launch":
         ids = [name.strip() for name in args.workers.split(",") if name.strip()]
         asyncio.run(launch(ids, args.transport, args.host, args.port, args.token))

@@ -22,6 +22,8 @@ import torch
 import actors
 from actors.auth import TOKEN_ENV, resolve_token
 from actors.log import get_logger
+from runners.datasets import load
+from runners.federated import Federation, publish_shard
 
 READY = "READY"
 _START_TIMEOUT = 60.0
@@ -45,12 +47,28 @@ def warm_up(threads: int) -> None:
 
 
 async def run_worker(
-    worker_id: str, transport: str, host: str, port: int, *, token: str | None, threads: int = 1
+    worker_id: str,
+    transport: str,
+    host: str,
+    port: int,
+    *,
+    token: str | None,
+    threads: int = 1,
+    data: tuple[Federation, int, str | None] | None = None,
 ) -> None:
-    """Serve one worker until SIGTERM, SIGINT or end of standard input (the launcher is gone)."""
+    """Serve one worker until SIGTERM, SIGINT or end of standard input (the launcher is gone).
+
+    With ``data`` = (federation, shard, data directory) the worker first loads the dataset and
+    publishes its shard as its own data.
+    """
     warm_up(threads)
     token = resolve_token(token)
-    server = await actors.serve(actors.Worker(worker_id, token=token), transport, host, port)
+    worker = actors.Worker(worker_id, token=token)
+    if data is not None:
+        federation, shard, directory = data
+        x, y = federation.shards(load(federation.dataset, directory, seed=federation.seed))[shard]
+        publish_shard(worker, federation.dataset, x, y)
+    server = await actors.serve(worker, transport, host, port)
     log = get_logger(worker=worker_id)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -108,8 +126,10 @@ async def start_processes(
     port: int = 0,
     token: str | None = None,
     threads: int = 1,
+    federation: Federation | None = None,
 ) -> Cluster:
-    """Start one worker process per id (ports from ``port`` up, or free ports with 0)."""
+    """Start one worker process per id (ports from ``port`` up, or free ports with 0); with a
+    ``federation``, worker k loads and holds shard k of its dataset."""
     cluster = Cluster()
     cluster.token = resolve_token(token) or secrets.token_urlsafe(24)
     env = {**os.environ, TOKEN_ENV: cluster.token}  # never on a command line, where ps shows it
@@ -119,6 +139,8 @@ async def start_processes(
             command = [sys.executable, "-m", "runners.cli", "worker", "--id", worker_id,
                        "--transport", transport, "--host", host, "--port", str(worker_port),
                        "--threads", str(threads)]  # fmt: skip
+            if federation is not None:
+                command += federation.worker_arguments(index)
             cluster.processes[worker_id] = await asyncio.create_subprocess_exec(
                 *command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env
             )
@@ -163,12 +185,15 @@ async def local_cluster(
     port: int = 0,
     token: str | None = None,
     threads: int = 1,
+    federation: Federation | None = None,
 ) -> AsyncIterator[Cluster]:
     """Worker processes on this machine, connected: ``async with local_cluster([...]) as c``.
 
     Leaving the block closes the connections and stops every process; none is left behind.
     """
-    cluster = await start_processes(ids, transport, host=host, port=port, token=token, threads=threads)
+    cluster = await start_processes(
+        ids, transport, host=host, port=port, token=token, threads=threads, federation=federation
+    )
     try:
         for worker_id in ids:
             cluster.workers.append(await actors.connect(cluster.addresses[worker_id], token=cluster.token))
