@@ -96,8 +96,14 @@ DTYPES: tuple[torch.dtype, ...] = (
 )
 DTYPE_CODE: dict[torch.dtype, int] = {dtype: code for code, dtype in enumerate(DTYPES)}
 
+#: Tensor header: dtype code, flags, number of dimensions, pad, offset of its bytes in the frame's
+#: data region; then one u64 per dimension; then, with the gradient flag, the gradient's header.
+TENSOR_HEAD = struct.Struct("<BBBxQ")
+MAX_DIMS = 32
 _FLAG_REQUIRES_GRAD = 1
 _FLAG_PARAMETER = 2
+_FLAG_GRAD = 4
+_FLAGS = _FLAG_REQUIRES_GRAD | _FLAG_PARAMETER | _FLAG_GRAD
 _REF = struct.Struct(">Q")
 
 
@@ -225,12 +231,12 @@ class FrameBuilder:
         return bytearray().join(parts)
 
     def _default(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            return msgpack.ExtType(EXT_TENSOR, self._tensor_payload(obj, with_grad=True))
         to_wire = getattr(obj, "__wire__", None)  # pointers know their own wire form
         if to_wire is not None:
             return to_wire()
         kind = type(obj)
-        if isinstance(obj, torch.Tensor):
-            return self._encode_tensor(obj)
         if kind is PointerRef:
             return msgpack.ExtType(EXT_POINTER, self._pack_nested(list(obj)))
         if isinstance(obj, tuple):  # tuple, torch.Size, torch.return_types, NamedTuples
@@ -270,14 +276,17 @@ class FrameBuilder:
         finally:
             self._depth -= 1
 
-    def _encode_tensor(self, t: torch.Tensor) -> msgpack.ExtType:
+    def _tensor_payload(self, t: torch.Tensor, *, with_grad: bool) -> bytes:
+        """The tensor's fixed binary header (see :data:`TENSOR_HEAD`); its bytes go out of band."""
         if t.layout is not torch.strided:
             raise TypeError(f"only dense tensors can be sent, not {t.layout}")
-        if t.device.type != "cpu":
+        if not t.is_cpu:
             raise TypeError(f"only CPU tensors can be sent, not {t.device}")
         code = DTYPE_CODE.get(t.dtype)
         if code is None:
             raise TypeError(f"dtype {t.dtype} is not supported on the wire")
+        if t.ndim > MAX_DIMS:
+            raise TypeError(f"tensors of more than {MAX_DIMS} dimensions cannot be sent")
         data = t.detach()
         if data.is_conj():
             data = data.resolve_conj()
@@ -287,12 +296,16 @@ class FrameBuilder:
         offset = _align(self._data_len)
         self._buffers.append((offset, data))
         self._data_len = offset + data.numel() * data.element_size()
-        flags = (_FLAG_REQUIRES_GRAD if t.requires_grad else 0) | (
-            _FLAG_PARAMETER if isinstance(t, torch.nn.Parameter) else 0
+        grad = t.grad if with_grad and t.is_leaf else None
+        flags = (
+            (_FLAG_REQUIRES_GRAD if t.requires_grad else 0)
+            | (_FLAG_PARAMETER if isinstance(t, torch.nn.Parameter) else 0)
+            | (_FLAG_GRAD if grad is not None else 0)
         )
-        grad = t.grad if t.is_leaf else None
-        payload = self._pack_nested([code, list(t.shape), offset, flags, grad])
-        return msgpack.ExtType(EXT_TENSOR, payload)
+        payload = TENSOR_HEAD.pack(code, flags, t.ndim, offset) + struct.pack(f"<{t.ndim}Q", *t.shape)
+        if grad is not None:
+            payload += self._tensor_payload(grad, with_grad=False)
+        return payload
 
 
 class Codec:
@@ -424,15 +437,19 @@ class _FrameReader:
             raise MalformedFrame(f"expected {expected.__name__}, got {type(value).__name__}")
         return value
 
-    def _decode_tensor(self, data: bytes) -> torch.Tensor:
-        code, shape, offset, flags, grad = self._unpack_nested(data, list)
-        if type(code) is not int or not 0 <= code < len(DTYPES):
-            raise MalformedFrame(f"unknown tensor dtype code {code!r}")
+    def _decode_tensor(self, data: bytes, *, with_grad: bool = True) -> torch.Tensor:
+        if len(data) < TENSOR_HEAD.size:
+            raise MalformedFrame(f"tensor header of {len(data)} bytes is too short")
+        code, flags, ndim, offset = TENSOR_HEAD.unpack_from(data)
+        if code >= len(DTYPES):
+            raise MalformedFrame(f"unknown tensor dtype code {code}")
+        if ndim > MAX_DIMS or flags & ~_FLAGS:
+            raise MalformedFrame(f"bad tensor header: {ndim} dimensions, flags {flags:#x}")
+        end = TENSOR_HEAD.size + 8 * ndim
+        if len(data) < end:
+            raise MalformedFrame("tensor header ends inside its shape")
+        shape = struct.unpack_from(f"<{ndim}Q", data, TENSOR_HEAD.size)
         dtype = DTYPES[code]
-        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-            raise MalformedFrame(f"bad tensor shape {shape!r}")
-        if type(offset) is not int or offset < 0:
-            raise MalformedFrame(f"bad tensor offset {offset!r}")
         count = math.prod(shape)
         start = self.data_start + offset
         nbytes = count * dtype.itemsize
@@ -452,10 +469,12 @@ class _FrameReader:
             tensor = torch.nn.Parameter(tensor, requires_grad=requires_grad)
         elif requires_grad:
             tensor.requires_grad_(True)
-        if grad is not None:
-            if not isinstance(grad, torch.Tensor):
-                raise MalformedFrame("a tensor's gradient must be a tensor")
-            tensor.grad = grad
+        if flags & _FLAG_GRAD:
+            if not with_grad:
+                raise MalformedFrame("a gradient cannot carry a gradient")
+            tensor.grad = self._decode_tensor(data[end:], with_grad=False)
+        elif len(data) != end:
+            raise MalformedFrame(f"{len(data) - end} stray bytes after a tensor header")
         return tensor
 
 

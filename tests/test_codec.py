@@ -33,6 +33,7 @@ from protocol.codec import (
     EXT_TUPLE,
     MAGIC,
     PREFIX,
+    TENSOR_HEAD,
     Codec,
     FrameBuilder,
     ObjRef,
@@ -202,7 +203,16 @@ def craft(*messages, count=None, data=b"", magic=MAGIC, version=PROTOCOL_VERSION
 
 
 def tensor_ext(code, shape, offset, flags=0, grad=None):
-    return msgpack.ExtType(EXT_TENSOR, msgpack.packb([code, shape, offset, flags, grad]))
+    """A tensor extension as the codec lays it out: fixed header, dims, then the gradient's."""
+    payload = TENSOR_HEAD.pack(code, flags | (4 if grad is not None else 0), len(shape), offset)
+    payload += struct.pack(f"<{len(shape)}Q", *shape)
+    if grad is not None:
+        payload += grad.data
+    return msgpack.ExtType(EXT_TENSOR, payload)
+
+
+def raw_tensor_ext(payload):
+    return msgpack.ExtType(EXT_TENSOR, payload)
 
 
 def raw_fixext4(code, payload):
@@ -831,20 +841,22 @@ def _bad_tensor(code=FLOAT32, shape=(2,), offset=0, flags=0, grad=None):
 BAD_EXTENSIONS = {
     "offset-overrun": _bad_tensor(offset=1),
     "offset-far-out": _bad_tensor(offset=2**40),
-    "offset-negative": _bad_tensor(offset=-4),
+    "offset-max": _bad_tensor(offset=2**64 - 1),
     "shape-overrun": _bad_tensor(shape=(3,)),
-    "dim-negative": _bad_tensor(shape=(-1,)),
-    "dim-negative-pair": _bad_tensor(shape=(-2, -1)),
-    "dim-float": _bad_tensor(shape=(2.0,)),
+    "dim-huge": _bad_tensor(shape=(2**63,)),
+    "dims-huge-pair": _bad_tensor(shape=(2**62, 4)),
+    "shape-truncated": raw_tensor_ext(TENSOR_HEAD.pack(FLOAT32, 0, 2, 0) + struct.pack("<Q", 2)),
     "huge-shape": _bad_tensor(shape=(2**32, 2**32)),
     "dtype-code-past-end": _bad_tensor(code=len(DTYPES)),
     "dtype-code-255": _bad_tensor(code=255),
-    "dtype-code-str": _bad_tensor(code="float32"),
+    "header-too-short": raw_tensor_ext(b"\x08"),
+    "too-many-dims": raw_tensor_ext(TENSOR_HEAD.pack(FLOAT32, 0, 33, 0) + bytes(8 * 33)),
     "int-requires-grad": _bad_tensor(code=DTYPES.index(torch.int32), flags=1),
-    "grad-not-tensor": _bad_tensor(grad=[1.0, 2.0]),
+    "grad-flag-without-grad": _bad_tensor(flags=4),
+    "grad-with-grad": _bad_tensor(grad=tensor_ext(FLOAT32, [2], 0, grad=tensor_ext(FLOAT32, [2], 0))),
     "grad-wrong-shape": _bad_tensor(grad=_bad_tensor(shape=(1,))),
-    "tensor-fields-missing": msgpack.ExtType(EXT_TENSOR, msgpack.packb([FLOAT32, [2], 0])),
-    "tensor-not-array": msgpack.ExtType(EXT_TENSOR, msgpack.packb({"code": FLOAT32})),
+    "stray-bytes": raw_tensor_ext(tensor_ext(FLOAT32, [2], 0).data + b"\x00"),
+    "unknown-flags": _bad_tensor(flags=0x80),
     "ref-short": msgpack.ExtType(EXT_REF, b"\x00\x01"),
     "dtype-empty": msgpack.ExtType(EXT_DTYPE, b""),
     "dtype-unknown": msgpack.ExtType(EXT_DTYPE, bytes([len(DTYPES)])),
@@ -881,8 +893,9 @@ def test_negative_extension_codes_are_refused(code):
         list(Codec().decode(craft(header)))
 
 
-@pytest.mark.parametrize("code", [-1, -len(DTYPES)])
-def test_negative_dtype_code_is_refused(code):
+@pytest.mark.parametrize("code", [len(DTYPES), 0xFF])
+def test_dtype_codes_past_the_table_are_refused(code):
+    """The code is an unsigned byte: nothing can index the table from its end."""
     frame = craft([Kind.REPLY, 1, "bob", 0, tensor_ext(code, [2], 0)], data=bytes(64))
     with pytest.raises(MalformedFrame):
         list(Codec().decode(frame))
