@@ -32,12 +32,14 @@ class Server:
         self._handle = handle
 
     async def close(self) -> None:
+        # The worker first: closing its sessions closes their links, its peer links go too, so
+        # no open connection (a peer's, or our own to a peer) holds the listener's shutdown up.
+        if isinstance(self._handle, asyncio.Server):
+            self._handle.close()
+        await self.worker.close()
         if isinstance(self._handle, web.AppRunner):
             await self._handle.cleanup()
         else:
-            self._handle.close()
-        await self.worker.close()
-        if isinstance(self._handle, asyncio.Server):
             await self._handle.wait_closed()
 
 

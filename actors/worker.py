@@ -25,6 +25,7 @@ from actors.transport import FlowControl, dial
 from protocol import (
     DEFAULT_MAX_FRAME,
     PROTOCOL_VERSION,
+    RANDOM_ID_LIMIT,
     BadArguments,
     Codec,
     Command,
@@ -280,6 +281,9 @@ class Worker:
 
     def _on_command(self, session: Session, message: Command) -> None:
         result_id = message.result_id
+        if type(result_id) is not int:
+            raise MalformedMessage("a command's result id must be an integer")
+        self._check_may_write(result_id, message.sender)
         try:
             op = message.op
             fn = COMMANDS.get(op) if type(op) is str else None
@@ -311,22 +315,14 @@ class Worker:
         except _DependencyFailed as dependency:
             result = dependency.failure
         except Exception as exc:
-            error = WireError.from_exception(exc, result_id)
-            result = Failure(error)
-            if type(result_id) is int:
-                session.error(0, error)
-            else:
-                raise
-        if type(result_id) is not int:
-            raise MalformedMessage("a command's result id must be an integer")
+            result = Failure(WireError.from_exception(exc, result_id))
+            session.error(0, result.error)
         self.store.put(result_id, result, message.sender)
 
     def _start_job(self, session: Session, message: Command, job: Callable[[], Any]) -> None:
         """Run a job in a thread; its result id is announced until it is done, so commands that
         use it wait for it, while everything else (other senders, pings) is served meanwhile."""
         result_id = message.result_id
-        if type(result_id) is not int:
-            raise MalformedMessage("a command's result id must be an integer")
         self.store.expect(result_id)
         self._jobs.add(result_id)
         self.log.info("job started", sender=session.peer_id, msg_id=message.msg_id, op=message.op)
@@ -378,13 +374,24 @@ class Worker:
             raise MalformedMessage(f"object ids are integers, got {type(obj_id).__name__}")
         return self.store.get(obj_id)
 
+    def _check_may_write(self, obj_id: int, sender: str) -> None:
+        """Only the worker publishes under published ids, and nobody replaces another's object."""
+        if obj_id > RANDOM_ID_LIMIT:
+            raise PermissionDenied(f"object id {obj_id:#x} is reserved for {self.id}'s own data")
+        owner = self.store.owners.get(obj_id)
+        if owner is not None and owner != sender:
+            raise PermissionDenied(f"object {obj_id:#x} belongs to {owner}; {sender} cannot replace it")
+
     def _on_store(self, session: Session, message: Store) -> None:
         if type(message.obj_id) is not int:
             raise MalformedMessage("STORE needs an integer object id")
+        owner = message.owner if type(message.owner) is str else message.sender
+        if owner == self.id:
+            raise PermissionDenied(f"only {self.id} itself can make an object its own data")
+        self._check_may_write(message.obj_id, owner)
         obj = message.obj
         if type(obj) is WireError:
             obj = Failure(obj)
-        owner = message.owner if type(message.owner) is str else message.sender
         self.store.put(message.obj_id, obj, owner)
 
     def _on_get(self, session: Session, message: Get) -> None:

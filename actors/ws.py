@@ -120,7 +120,7 @@ def make_app(worker: Worker) -> web.Application:
 
 async def serve_ws(worker: Worker, host: str, port: int) -> tuple[web.AppRunner, str]:
     """Serve ``worker`` on ``ws://host:port`` (port 0 picks a free one); returns the address."""
-    runner = web.AppRunner(make_app(worker), access_log=None, handle_signals=False)
+    runner = web.AppRunner(make_app(worker), access_log=None, handle_signals=False, shutdown_timeout=2.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

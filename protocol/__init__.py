@@ -24,6 +24,7 @@ from protocol.errors import (
 )
 from protocol.messages import (
     PROTOCOL_VERSION,
+    RANDOM_ID_LIMIT,
     Command,
     Delete,
     Error,
@@ -42,6 +43,7 @@ from protocol.messages import (
 __all__ = [
     "DEFAULT_MAX_FRAME",
     "PROTOCOL_VERSION",
+    "RANDOM_ID_LIMIT",
     "AuthenticationFailed",
     "BadArguments",
     "Codec",

@@ -44,12 +44,18 @@ def split_indices(
     """
     if n_workers < 1 or n_items < n_workers:
         raise ValueError(f"cannot split {n_items} items across {n_workers} workers")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    for label, values in (("targets", targets), ("features", features)):
+        if values is not None and len(values) != n_items:
+            raise ValueError(f"{label} have {len(values)} rows for {n_items} items")
     generator = torch.Generator().manual_seed(seed)
     if scheme == "contiguous":
         order = torch.arange(n_items)
     elif scheme == "round-robin":
         batches = torch.randperm(n_items, generator=generator).split(batch_size)
-        return [torch.cat(batches[k::n_workers]) for k in range(n_workers)]
+        empty = torch.empty(0, dtype=torch.long)
+        return [torch.cat([empty, *batches[k::n_workers]]) for k in range(n_workers)]
     elif scheme == "iid":
         order = torch.randperm(n_items, generator=generator)
     elif scheme == "label":
