@@ -96,10 +96,16 @@ class Session:
                     trace("message", msg_id=message.msg_id, kind=type(message).__name__, sender=self.peer_id)
                 while True:
                     try:
-                        worker.dispatch(self, message)
+                        if type(message) is Command:  # most messages: skip the generic dispatch
+                            worker._on_command(self, message)
+                        else:
+                            worker.dispatch(self, message)
                         break
                     except Awaiting as awaiting:
                         await worker.wait_for_arrival(awaiting, message.sender)
+                    except Exception as exc:  # a bad message costs its sender an error, never the worker
+                        worker.report_failure(self, message, exc)
+                        break
             if self.flow is not None and self.flow.paused:
                 await self.flow.wait()
 
@@ -242,9 +248,12 @@ class Worker:
         except Awaiting:
             raise
         except Exception as exc:  # a bad message costs its sender an error, never the worker
-            msg_id = exc.msg_id if exc is message else message.msg_id
-            self.log.warning("message failed", sender=session.peer_id, msg_id=msg_id, error=repr(exc))
-            session.error(msg_id or 0, WireError.from_exception(exc))
+            self.report_failure(session, message, exc)
+
+    def report_failure(self, session: Session, message: Any, exc: Exception) -> None:
+        msg_id = exc.msg_id if exc is message else message.msg_id  # type: ignore[attr-defined]
+        self.log.warning("message failed", sender=session.peer_id, msg_id=msg_id, error=repr(exc))
+        session.error(msg_id or 0, WireError.from_exception(exc))
 
     async def wait_for_arrival(self, awaiting: Awaiting, owner: str) -> None:
         """Wait (bounded) for an announced object; if it never comes, it becomes a failure.
@@ -280,28 +289,28 @@ class Worker:
         # If the announced object was deleted before it came, the retry reports it missing.
 
     def _on_command(self, session: Session, message: Command) -> None:
-        result_id = message.result_id
+        # The hot path of every pointer operation: checks are inlined, not called.
+        _, sender, result_id, op, args, kwargs = message
+        store = self.store
         if type(result_id) is not int:
             raise MalformedMessage("a command's result id must be an integer")
-        self._check_may_write(result_id, message.sender)
+        if result_id > RANDOM_ID_LIMIT or store.owners.get(result_id, sender) != sender:
+            self._check_may_write(result_id, sender)
         try:
-            op = message.op
             fn = COMMANDS.get(op) if type(op) is str else None
             if fn is None:
                 fn = lookup(op)  # raises CommandNotAllowed naming it
-            args = message.args
             if type(args) is not list:
                 raise BadArguments(f"{op}: arguments must be a list")
-            objects = self.store.objects
+            objects = store.objects
             for i, arg in enumerate(args):
                 if type(arg) is ObjRef and type(value := objects.get(arg.id, _MISSING)) is not Failure:
                     if value is _MISSING:
-                        raise self.store.missing(arg.id)
+                        raise store.missing(arg.id)
                     args[i] = value
                 elif type(arg) in _CONTAINERS or type(arg) is ObjRef:
                     self._resolve(args)
                     break
-            kwargs = message.kwargs
             if kwargs:
                 if type(kwargs) is not dict:
                     raise BadArguments(f"{op}: keyword arguments must be a map")
@@ -317,7 +326,11 @@ class Worker:
         except Exception as exc:
             result = Failure(WireError.from_exception(exc, result_id))
             session.error(0, result.error)
-        self.store.put(result_id, result, message.sender)
+        if store.arrivals:
+            store.put(result_id, result, sender)
+        else:
+            store.objects[result_id] = result
+            store.owners[result_id] = sender
 
     def _start_job(self, session: Session, message: Command, job: Callable[[], Any]) -> None:
         """Run a job in a thread; its result id is announced until it is done, so commands that
