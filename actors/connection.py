@@ -29,6 +29,8 @@ from protocol.codec import Buffer, FrameBuilder
 BATCH_MESSAGES = 4096
 BATCH_BYTES = 1 << 20
 _COMMAND = int(Kind.COMMAND)
+#: Failure reports kept for pointers that have not asked yet.
+MAX_UNRETRIEVED = 256
 
 
 class Connection:
@@ -149,7 +151,7 @@ class Connection:
         """Free a remote object soon; deletes leave in one batch per turn of the event loop."""
         failure = self._failures.pop(obj_id, None) if self._failures else None
         if failure is not None:
-            self.log.error("remote error never retrieved", obj_id=obj_id, error=str(failure))
+            self._unretrieved(obj_id, failure)
         if self.lost is not None:
             return
         self._deletes.append(obj_id)
@@ -157,9 +159,14 @@ class Connection:
             self._flush_scheduled = True
             self.loop.call_soon(self.flush)
 
-    def take_failure(self, obj_id: int) -> SyftError | None:
-        """The error already reported for ``obj_id``, if any (it counts as retrieved)."""
+    def take_failure(self, obj_id: int, *_: Any) -> SyftError | None:
+        """The error reported for ``obj_id``, if any; it counts as retrieved. Called when an
+        answer about the object arrives, which is always after the report (one sender's
+        messages are answered in order)."""
         return self._failures.pop(obj_id, None) if self._failures else None
+
+    def _unretrieved(self, obj_id: int, failure: SyftError) -> None:
+        self.log.error("remote error never retrieved", obj_id=obj_id, error=str(failure))
 
     async def drain(self) -> None:
         """Wait until what was sent has been handed to the worker (backpressure point)."""
@@ -167,6 +174,9 @@ class Connection:
         await self.transport.drain()
 
     async def close(self) -> None:
+        for obj_id, failure in self._failures.items():
+            self._unretrieved(obj_id, failure)
+        self._failures.clear()
         self.flush()
         await self.transport.close()
         self._on_lost(WorkerLost(f"connection to {self.remote_id} closed"))
@@ -195,7 +205,12 @@ class Connection:
                 if not future.done():
                     future.set_exception(error)
             elif type(message.failed_id) is int:
+                # Kept until a pointer asks or is dropped. A pointer dropped before its report
+                # came would leave it here forever: the oldest are logged and let go.
                 self._failures[message.failed_id] = error
+                if len(self._failures) > MAX_UNRETRIEVED:
+                    oldest = next(iter(self._failures))
+                    self._unretrieved(oldest, self._failures.pop(oldest))
             else:
                 self.log.warning("worker reported an error", msg_id=message.in_reply_to, error=str(error))
                 self.protocol_errors.append(error)

@@ -10,6 +10,7 @@ reference frees the remote object, in batches.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 from collections.abc import Awaitable, Callable
@@ -77,8 +78,8 @@ class ObjectPointer:
         """Ask now whether the object exists; the awaitable gives this pointer back or raises."""
         self._check_live()
         connection = self.location.connection
-        connection.take_failure(self.id)  # the reply carries it again: mark it retrieved
         future = connection.ask(Get(connection.next_id(), connection.local_id, self.id, GetMode.META))
+        future.add_done_callback(functools.partial(connection.take_failure, self.id))  # its reply tells
         return self._resolved(future)
 
     async def _resolved(self, future: Awaitable[dict[str, Any]]) -> Self:
@@ -93,8 +94,8 @@ class ObjectPointer:
         already sent through this pointer's worker."""
         self._check_live()
         connection = self.location.connection
-        connection.take_failure(self.id)
         future = connection.ask(Get(connection.next_id(), connection.local_id, self.id, GetMode.RELEASE))
+        future.add_done_callback(functools.partial(connection.take_failure, self.id))
         self._released = True
         return future
 
@@ -133,6 +134,9 @@ def move_pointers(pointers: list[ObjectPointer], destination: RemoteWorker) -> N
         here.tell(Forward(here.next_id(), here.local_id, [p.id for p in group], destination.id,
                           destination.address, fresh))  # fmt: skip
         for pointer, new_id in zip(group, fresh, strict=True):
+            failure = here.take_failure(pointer.id)
+            if failure is not None:  # the failure travels with it; so does the duty to report it
+                there._failures[new_id] = failure
             pointer.location = destination
             pointer.id = new_id
             pointer._wire = None
@@ -146,12 +150,52 @@ def call(
     result: type[ObjectPointer] | None = None,
 ) -> Any:
     """Pipeline ``op`` on ``location`` and return a pointer to its future result."""
-    for arg in args:
-        if isinstance(arg, ObjectPointer) and arg.location is not location:
-            raise ValueError(f"{arg!r} lives on {arg.location.id}, not {location.id}: move it there first")
+    for i, arg in enumerate(args):
+        if isinstance(arg, ObjectPointer):
+            if arg.location is not location:
+                _elsewhere(arg, location)
+            args[i] = arg._wire or arg.__wire__()  # what the codec would do, minus a callback
+        elif type(arg) in _NESTED:
+            _check_nested(arg, location)
+    if kwargs:
+        _check_nested(kwargs, location)
     result_id = _getrandbits(62) + 1
     location.connection.command(result_id, op, args, kwargs)
     return (result or PointerTensor)(location, result_id)
+
+
+_NESTED = (list, tuple, dict)
+
+
+def _elsewhere(pointer: ObjectPointer, location: RemoteWorker) -> None:
+    raise ValueError(f"{pointer!r} lives on {pointer.location.id}, not {location.id}: move it there first")
+
+
+def _check_nested(value: Any, location: RemoteWorker) -> None:
+    """Pointers inside lists, tuples and keyword arguments must live on ``location`` too."""
+    for item in value.values() if type(value) is dict else value:
+        if isinstance(item, ObjectPointer):
+            if item.location is not location:
+                _elsewhere(item, location)
+        elif type(item) in _NESTED:
+            _check_nested(item, location)
+
+
+_NESTED = (list, tuple, dict)
+
+
+def _elsewhere(pointer: ObjectPointer, location: RemoteWorker) -> None:
+    raise ValueError(f"{pointer!r} lives on {pointer.location.id}, not {location.id}: move it there first")
+
+
+def _check_nested(value: Any, location: RemoteWorker) -> None:
+    """Pointers inside lists, tuples and keyword arguments must live on ``location`` too."""
+    for item in value.values() if type(value) is dict else value:
+        if isinstance(item, ObjectPointer):
+            if item.location is not location:
+                _elsewhere(item, location)
+        elif type(item) in _NESTED:
+            _check_nested(item, location)
 
 
 def _location_of(args: Any, kwargs: dict[str, Any] | None) -> RemoteWorker:
