@@ -181,23 +181,6 @@ def _check_nested(value: Any, location: RemoteWorker) -> None:
             _check_nested(item, location)
 
 
-_NESTED = (list, tuple, dict)
-
-
-def _elsewhere(pointer: ObjectPointer, location: RemoteWorker) -> None:
-    raise ValueError(f"{pointer!r} lives on {pointer.location.id}, not {location.id}: move it there first")
-
-
-def _check_nested(value: Any, location: RemoteWorker) -> None:
-    """Pointers inside lists, tuples and keyword arguments must live on ``location`` too."""
-    for item in value.values() if type(value) is dict else value:
-        if isinstance(item, ObjectPointer):
-            if item.location is not location:
-                _elsewhere(item, location)
-        elif type(item) in _NESTED:
-            _check_nested(item, location)
-
-
 def _location_of(args: Any, kwargs: dict[str, Any] | None) -> RemoteWorker:
     stack = [args, list(kwargs.values()) if kwargs else ()]
     while stack:

@@ -23,7 +23,7 @@ import msgpack
 
 from actors.auth import token_matches
 from actors.log import get_logger
-from actors.transport import FlowControl, FrameHandler, LossHandler, Transport, register_dialer
+from actors.transport import DialingTransport, FlowControl, register_dialer
 from actors.worker import Session, Worker
 from protocol import (
     DEFAULT_MAX_FRAME,
@@ -171,8 +171,8 @@ def _read_hello(frame: Buffer) -> dict[str, Any]:
     return hello
 
 
-class TcpTransport(Transport):
-    """Client end of a TCP link; connects in the background, frames written meanwhile wait."""
+class TcpTransport(DialingTransport):
+    """Client end of a TCP link."""
 
     def __init__(
         self,
@@ -182,27 +182,15 @@ class TcpTransport(Transport):
         token: str | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME,
     ) -> None:
-        self.address = address
-        self.local_id = local_id
-        self.token = token
-        self.max_frame_size = max_frame_size
-        self.remote_id: str | None = None
+        super().__init__(address, local_id, token=token, max_frame_size=max_frame_size)
         self._stream: FrameStream | None = None
-        self._waiting: collections.deque[Buffer] = collections.deque()
-        self._on_frame: FrameHandler = lambda frame: None
-        self._on_lost: LossHandler = lambda exc: None
-        self._lost: BaseException | None = None
-        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    def start(self, on_frame: FrameHandler, on_lost: LossHandler) -> None:
-        self._on_frame, self._on_lost = on_frame, on_lost
-        self._task = asyncio.get_running_loop().create_task(self._connect())
-
-    async def _connect(self) -> None:
+    async def _run(self) -> None:
         host, port = split_address(self.address, "tcp")
         loop = asyncio.get_running_loop()
         try:
             _, stream = await loop.create_connection(lambda: FrameStream(self.max_frame_size), host, port)
+            self._stream = stream
             answer: asyncio.Future[Buffer] = loop.create_future()
             stream.on_frame = lambda frame: answer.done() or answer.set_result(frame)
             stream.on_lost = lambda exc: (
@@ -214,52 +202,19 @@ class TcpTransport(Transport):
             if not hello.get("ok"):
                 stream.abort(AuthenticationFailed("refused"))
                 raise AuthenticationFailed(f"{self.address} refused the connection: {hello.get('error')}")
-            self.remote_id = str(hello.get("id"))
+        except AuthenticationFailed as exc:
+            self._fail(exc)
+            return
         except Exception as exc:
-            error = (
-                exc
-                if isinstance(exc, AuthenticationFailed)
-                else WorkerLost(f"cannot reach {self.address}: {exc}")
-            )
-            self._fail(error)
+            self._fail(WorkerLost(f"cannot reach {self.address}: {exc}"))
             return
         stream.on_frame = self._on_frame
         stream.on_lost = lambda exc: self._fail(WorkerLost(f"lost the connection to {self.address}: {exc}"))
-        self._stream = stream
-        while self._waiting:
-            stream.send(self._waiting.popleft())
-        self.ready.set_result(None)
+        self._connected(stream)
 
-    def _fail(self, exc: BaseException) -> None:
-        if self._lost is None:
-            self._lost = exc
-            self._waiting.clear()
-            if not self.ready.done():
-                self.ready.set_exception(exc)
-                self.ready.exception()  # retrieved here; whoever awaits it still gets it
-            self._on_lost(exc)
-
-    def write(self, frame: Buffer) -> None:
-        if self._lost is not None:
-            raise self._lost
-        stream = self._stream
-        if stream is None:
-            if len(frame) > self.max_frame_size:
-                raise FrameTooLarge(f"frame of {len(frame)} bytes exceeds the limit of {self.max_frame_size}")
-            self._waiting.append(frame)
-        else:
-            stream.send(frame)
-
-    async def drain(self) -> None:
-        await asyncio.shield(self.ready)
-        if self._stream is not None:
-            await self._stream.flow.wait()
-
-    async def close(self) -> None:
-        self._task.cancel()
+    async def _closed(self) -> None:
         if self._stream is not None and self._stream.transport is not None:
             self._stream.transport.close()
-        self._fail(WorkerLost(f"connection to {self.address} closed"))
 
 
 register_dialer("tcp", lambda address, local_id, *, token: TcpTransport(address, local_id, token=token))

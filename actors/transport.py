@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import collections
 from collections.abc import Callable
 from typing import Protocol
 
+from protocol import FrameTooLarge, WorkerLost
 from protocol.codec import Buffer
 
 FrameHandler = Callable[[Buffer], None]
@@ -73,6 +75,83 @@ class FlowControl:
             if self._waiter is None:
                 self._waiter = asyncio.get_running_loop().create_future()
             await asyncio.shield(self._waiter)
+
+
+class Sink(Protocol):
+    """Where a connected transport's frames go, and its write-side backpressure."""
+
+    flow: FlowControl
+
+    def send(self, frame: Buffer) -> None: ...
+
+
+class DialingTransport(Transport):
+    """A network client end: connects in the background; frames written meanwhile wait.
+
+    Subclasses implement :meth:`_run` (connect, call :meth:`_connected` with the sink, then
+    deliver frames until the link ends) and close what they opened in :meth:`_closed`.
+    """
+
+    def __init__(self, address: str, local_id: str, *, token: str | None = None, max_frame_size: int) -> None:
+        self.address = address
+        self.local_id = local_id
+        self.token = token
+        self.max_frame_size = max_frame_size
+        self._sink: Sink | None = None
+        self._waiting: collections.deque[Buffer] = collections.deque()
+        self._on_frame: FrameHandler = lambda frame: None
+        self._on_lost: LossHandler = lambda exc: None
+        self._lost: BaseException | None = None
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, on_frame: FrameHandler, on_lost: LossHandler) -> None:
+        self._on_frame, self._on_lost = on_frame, on_lost
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    @abc.abstractmethod
+    async def _run(self) -> None: ...
+
+    async def _closed(self) -> None:
+        """Release what the subclass opened (after the link is known lost)."""
+
+    def _connected(self, sink: Sink) -> None:
+        while self._waiting:
+            sink.send(self._waiting.popleft())
+        self._sink = sink
+        self.ready.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._lost is None:
+            self._lost = exc
+            self._waiting.clear()
+            if self._sink is not None:
+                self._sink.flow.fail(exc)
+            if not self.ready.done():
+                self.ready.set_exception(exc)
+                self.ready.exception()  # retrieved here; whoever awaits it still gets it
+            self._on_lost(exc)
+
+    def write(self, frame: Buffer) -> None:
+        if self._lost is not None:
+            raise self._lost
+        if len(frame) > self.max_frame_size:
+            raise FrameTooLarge(f"frame of {len(frame)} bytes exceeds the limit of {self.max_frame_size}")
+        if self._sink is None:
+            self._waiting.append(frame)
+        else:
+            self._sink.send(frame)
+
+    async def drain(self) -> None:
+        await asyncio.shield(self.ready)
+        if self._sink is not None:
+            await self._sink.flow.wait()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._fail(WorkerLost(f"connection to {self.address} closed"))
+        await self._closed()
 
 
 class Dialer(Protocol):

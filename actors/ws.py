@@ -17,9 +17,9 @@ from aiohttp import web
 
 from actors.auth import token_matches
 from actors.log import get_logger
-from actors.transport import FlowControl, FrameHandler, LossHandler, Transport, register_dialer
+from actors.transport import DialingTransport, FlowControl, register_dialer
 from actors.worker import Worker
-from protocol import DEFAULT_MAX_FRAME, AuthenticationFailed, FrameTooLarge, WorkerLost
+from protocol import DEFAULT_MAX_FRAME, AuthenticationFailed, WorkerLost
 from protocol.codec import Buffer
 
 ID_HEADER = "X-Aiosyft-Id"
@@ -130,8 +130,8 @@ async def serve_ws(worker: Worker, host: str, port: int) -> tuple[web.AppRunner,
     return runner, f"ws://{host}:{bound[1]}"
 
 
-class WebSocketTransport(Transport):
-    """Client end of a WebSocket link; connects in the background, frames written meanwhile wait."""
+class WebSocketTransport(DialingTransport):
+    """Client end of a WebSocket link."""
 
     def __init__(
         self,
@@ -141,96 +141,61 @@ class WebSocketTransport(Transport):
         token: str | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME,
     ) -> None:
-        self.address = address
-        self.local_id = local_id
-        self.token = token
-        self.max_frame_size = max_frame_size
-        self._outbox: _Outbox | None = None
-        self._waiting: collections.deque[Buffer] = collections.deque()
+        super().__init__(address, local_id, token=token, max_frame_size=max_frame_size)
         self._session: aiohttp.ClientSession | None = None
-        self._lost: BaseException | None = None
-        self._on_lost: LossHandler = lambda exc: None
-        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._outbox: _Outbox | None = None
 
-    def start(self, on_frame: FrameHandler, on_lost: LossHandler) -> None:
-        self._on_lost = on_lost
-        self._task = asyncio.get_running_loop().create_task(self._run(on_frame))
-
-    async def _run(self, on_frame: FrameHandler) -> None:
+    async def _run(self) -> None:
         headers = {ID_HEADER: self.local_id}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        url = self.address.rstrip("/") + "/ws"
         self._session = aiohttp.ClientSession()
         try:
             ws = await self._session.ws_connect(
-                url,
+                self.address.rstrip("/") + "/ws",
                 headers=headers,
                 max_msg_size=self.max_frame_size,
                 compress=0,
                 timeout=aiohttp.ClientWSTimeout(ws_close=_CONNECT_TIMEOUT),
             )
         except aiohttp.WSServerHandshakeError as exc:
-            error: BaseException = (
+            refused = exc.status == 401
+            self._fail(
                 AuthenticationFailed(f"{self.address} refused the token")
-                if exc.status == 401
+                if refused
                 else WorkerLost(f"cannot reach {self.address}: {exc}")
             )
-            await self._fail(error)
+            await self._closed()
             return
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            await self._fail(WorkerLost(f"cannot reach {self.address}: {exc}"))
+            self._fail(WorkerLost(f"cannot reach {self.address}: {exc}"))
+            await self._closed()
             return
-        outbox = _Outbox(ws)
-        while self._waiting:
-            outbox.send(self._waiting.popleft())
-        self._outbox = outbox
-        self.ready.set_result(None)
+        self._outbox = _Outbox(ws)
+        self._connected(self._outbox)
         reason: Any = "closed by the worker"
         try:
             async for message in ws:
                 if message.type is aiohttp.WSMsgType.BINARY:
-                    on_frame(message.data)
+                    self._on_frame(message.data)
                 elif message.type is aiohttp.WSMsgType.ERROR:
                     reason = ws.exception()
                     break
         except Exception as exc:
             reason = exc
-        await self._fail(WorkerLost(f"lost the connection to {self.address}: {reason}"))
-
-    async def _fail(self, exc: BaseException) -> None:
-        if self._lost is None:
-            self._lost = exc
-            self._waiting.clear()
-            if self._outbox is not None:
-                self._outbox.close(exc)
-            if not self.ready.done():
-                self.ready.set_exception(exc)
-                self.ready.exception()
-            self._on_lost(exc)
-        if self._session is not None:
-            await self._session.close()
-
-    def write(self, frame: Buffer) -> None:
-        if self._lost is not None:
-            raise self._lost
-        if len(frame) > self.max_frame_size:
-            raise FrameTooLarge(f"frame of {len(frame)} bytes exceeds the limit of {self.max_frame_size}")
-        if self._outbox is None:
-            self._waiting.append(frame)
-        else:
-            self._outbox.send(frame)
-
-    async def drain(self) -> None:
-        await asyncio.shield(self.ready)
-        if self._outbox is not None:
-            await self._outbox.flow.wait()
+        self._fail(WorkerLost(f"lost the connection to {self.address}: {reason}"))
+        await self._closed()
 
     async def close(self) -> None:
-        if self._outbox is not None:
+        if self._outbox is not None and self._lost is None:
             await self._outbox.flushed()
-        self._task.cancel()
-        await self._fail(WorkerLost(f"connection to {self.address} closed"))
+        await super().close()
+
+    async def _closed(self) -> None:
+        if self._outbox is not None:
+            self._outbox.close(WorkerLost(f"connection to {self.address} closed"))
+        if self._session is not None:
+            await self._session.close()
 
 
 register_dialer("ws", lambda address, local_id, *, token: WebSocketTransport(address, local_id, token=token))
