@@ -68,6 +68,7 @@ class Connection:
         self._failures: dict[int, SyftError] = {}
         self._deletes: list[int] = []
         self._flush_scheduled = False
+        self._asked_this_turn = False
         self.log = get_logger(worker=local_id, peer=remote_id)
         transport.start(self._on_frame, self._on_lost)
 
@@ -115,6 +116,13 @@ class Connection:
         self._add_deletes()  # objects dropped before this question are gone when it is answered
         self.tell(message)
         self._pending[message.msg_id] = future
+        if not self._asked_this_turn:
+            # The first question of a turn leaves at once (a round trip is then one loop
+            # iteration shorter); any others asked in the same turn share the next frame.
+            self.flush()
+            self._asked_this_turn = True
+            self._flush_scheduled = True
+            self.loop.call_soon(self.flush)
         if self.reply_timeout is not None:
             timer = self.loop.call_later(self.reply_timeout, self._expire, message.msg_id)
             future.add_done_callback(lambda _: timer.cancel())
@@ -129,6 +137,7 @@ class Connection:
     def flush(self) -> None:
         """Hand the frame being built (and any batched deletes) to the transport now."""
         self._flush_scheduled = False
+        self._asked_this_turn = False
         self._add_deletes()
         if len(self._frame) and self.lost is None:
             self.transport.write(self._frame.build())
