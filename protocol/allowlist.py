@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the name everyone reads
 
 from protocol.errors import BadArguments, CommandNotAllowed
-from protocol.modules import fit
+from protocol.modules import fit, sgd_step
 
 # Functions that exist both as ``torch.<name>`` and as ``Tensor.<name>``.
 _MATH = """
@@ -175,6 +175,7 @@ def _build() -> tuple[dict[str, Callable[..., Any]], dict[Any, str]]:
     commands["optim.sgd_step"] = _sgd_step
     commands["optim.zero_grad"] = _zero_grad
     commands["nn.fit"] = fit
+    commands["nn.sgd_step"] = sgd_step
     commands["nn.utils.clip_grad_norm_"] = torch.nn.utils.clip_grad_norm_
     commands["getitem"] = operator.getitem
     return commands, names

@@ -9,6 +9,8 @@ in :data:`LAYERS` can be described; anything else is refused with the reason.
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -129,3 +131,87 @@ def fit(
             total += value.item()
             steps += 1
     return [[t.detach().clone() for t in model.state_dict().values()], total / max(steps, 1)]
+
+
+# -- one fused training step, for a model that walks from worker to worker ----------------------
+@functools.lru_cache(maxsize=64)
+def _skeleton(spec_key: str) -> tuple[nn.Module, tuple[tuple[str, torch.Size, int], ...]]:
+    """The module a spec describes, built once per worker, and its parameters' layout in a flat
+    vector (name, shape, length). Only its structure is used: parameters come with each step."""
+    module = build_module(json.loads(spec_key))
+    layout = tuple((name, p.shape, p.numel()) for name, p in module.named_parameters())
+    return module, layout
+
+
+def spec_key(spec: Any) -> str:
+    return json.dumps(spec, sort_keys=True)
+
+
+def flat_parameters(module: nn.Module) -> torch.Tensor:
+    """All of ``module``'s parameters in one flat float32 vector, in ``named_parameters`` order."""
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+
+
+def load_flat(module: nn.Module, flat: torch.Tensor) -> None:
+    """The inverse of :func:`flat_parameters`: copy the vector into the module's parameters."""
+    offset = 0
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+
+def sgd_step(
+    spec: str, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, loss: str = "mse", lr: float = 0.01
+) -> torch.Tensor:
+    """Forward, loss, backward and an SGD update of ``flat`` in place, as one command.
+
+    A walking model is one flat vector, so a move carries one tensor, and a step is one message
+    instead of a dozen. ``spec`` is :func:`spec_key` of the model's spec: one string to pass,
+    and the key under which each worker keeps the model's skeleton. The arithmetic is
+    ``torch.optim.SGD``'s (``p.add_(grad, alpha=-lr)``) on the same operations as the module's
+    own forward, so it equals a local step exactly.
+    """
+    loss_fn = LOSSES.get(loss)
+    if loss_fn is None:
+        raise BadArguments(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
+    if not isinstance(spec, str):
+        raise BadArguments("nn.sgd_step takes the model spec as its JSON key (protocol.modules.spec_key)")
+    try:
+        module, layout = _skeleton(spec)
+    except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise BadArguments(f"bad model spec: {exc}") from exc
+    if flat.dim() != 1 or flat.numel() != sum(n for _, _, n in layout):
+        raise BadArguments(
+            f"the model has {sum(n for _, _, n in layout)} parameters, got {tuple(flat.shape)}"
+        )
+    views, offset = [], 0
+    for _, shape, length in layout:
+        views.append(flat[offset : offset + length].view(shape).requires_grad_(True))
+        offset += length
+    value = loss_fn(_forward(module, views, x), y)
+    grads = torch.autograd.grad(value, views)
+    with torch.no_grad():
+        for view, grad in zip(views, grads, strict=True):
+            view.add_(grad, alpha=-lr)
+    return value.detach()
+
+
+def _forward(module: nn.Module, params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``module``'s forward with ``params`` in place of its own, layer by layer (what
+    ``torch.func.functional_call`` does, without its per-call bookkeeping, which cost more than
+    the small models it would run here)."""
+    given = iter(params)
+    for layer in module:
+        if isinstance(layer, nn.Linear):
+            weight = next(given)
+            x = F.linear(x, weight, next(given) if layer.bias is not None else None)
+        elif isinstance(layer, nn.Conv2d):
+            weight = next(given)
+            bias = next(given) if layer.bias is not None else None
+            x = F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+        elif any(True for _ in layer.parameters(recurse=False)):
+            raise BadArguments(f"{type(layer).__name__} cannot take a fused step")
+        else:
+            x = layer.forward(x)
+    return x

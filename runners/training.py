@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -19,11 +20,12 @@ from torch import nn
 
 import actors
 from actors.pointer import call
-from protocol.modules import LOSSES, fit, load_state, module_spec
+from protocol.modules import LOSSES, fit, flat_parameters, load_flat, load_state, module_spec, spec_key
 from runners.datasets import Dataset
 from runners.federated import FederatedDataLoader, FederatedDataset, epoch_plan, shard_order
 
 Progress = Callable[[int, float], None]
+Losses = dict[actors.RemoteWorker, list[actors.PointerTensor]]
 
 
 @dataclass(frozen=True)
@@ -62,10 +64,38 @@ class History:
     epoch_loss: list[float] = field(default_factory=list)
 
 
+def fusable(model: nn.Module) -> list[list[Any]] | None:
+    """The spec of a model the fused walk can train: allowlisted layers, float32 parameters, no
+    buffers (running statistics would not travel in the flat vector). ``None`` otherwise."""
+    try:
+        spec = module_spec(model)
+    except TypeError:
+        return None
+    if any(True for _ in model.buffers()) or any(p.dtype != torch.float32 for p in model.parameters()):
+        return None
+    return spec
+
+
 async def train_walk(
-    model: nn.Module, loader: FederatedDataLoader, settings: Settings, progress: Progress | None = None
+    model: nn.Module,
+    loader: FederatedDataLoader,
+    settings: Settings,
+    progress: Progress | None = None,
+    *,
+    fused: bool | None = None,
 ) -> History:
-    """The paper's style; ``model`` is trained in place and is local again at the end."""
+    """The paper's style; ``model`` is trained in place and is local again at the end.
+
+    ``fused`` (the default when the model allows it, see :func:`fusable`): the parameters walk as
+    one flat vector and each step is one ``nn.sgd_step`` command. Otherwise the module's own
+    forward runs here with pointer parameters, every operation a pipelined command. Both give
+    the weights plain PyTorch gives.
+    """
+    spec = fusable(model) if fused is not False else None
+    if fused and spec is None:
+        raise TypeError("this model cannot take fused steps: see runners.training.fusable")
+    if spec is not None:
+        return await _walk_fused(model, spec, loader, settings, progress)
     loss_fn = LOSSES[settings.loss]
     actors.send_module(model, loader.dataset.workers[0])
     optimizer = actors.RemoteOptimizer(torch.optim.SGD, model.parameters(), lr=settings.lr)
@@ -85,6 +115,40 @@ async def train_walk(
             progress(epoch + 1, history.epoch_loss[-1])
     await actors.get_module(model)
     return history
+
+
+async def _walk_fused(
+    model: nn.Module, spec: list[list[Any]], loader: FederatedDataLoader, settings: Settings,
+    progress: Progress | None,
+) -> History:  # fmt: skip
+    flat = actors.send(flat_parameters(model), loader.dataset.workers[0])
+    key, options = spec_key(spec), {"loss": settings.loss, "lr": settings.lr}
+    history = History()
+    for epoch in range(settings.epochs):
+        losses: Losses = {}
+        order = []  # (worker, position in its list): the visiting order, for the mean
+        for worker, x, y in loader.epoch(epoch):
+            flat.move(worker)  # one tensor, worker to worker; nothing when it is already there
+            mine = losses.setdefault(worker, [])
+            order.append((worker, len(mine)))
+            mine.append(call(worker, "nn.sgd_step", [key, flat, x, y], options))
+        history.epoch_loss.append(await _mean_loss(losses, order))  # also the epoch's barrier
+        if progress is not None:
+            progress(epoch + 1, history.epoch_loss[-1])
+    load_flat(model, await flat.get())
+    return history
+
+
+async def _mean_loss(
+    losses: dict[actors.RemoteWorker, list[actors.PointerTensor]],
+    order: list[tuple[actors.RemoteWorker, int]],
+) -> float:
+    """Each worker stacks its own losses and one small tensor per worker comes back; the mean
+    is taken in visiting order, so it is the very float plain PyTorch computes."""
+    workers = list(losses)
+    stacks = await asyncio.gather(*(torch.stack(losses[worker]).get() for worker in workers))
+    by_worker = dict(zip(workers, stacks, strict=True))
+    return float(torch.stack([by_worker[worker][i] for worker, i in order]).mean())
 
 
 async def train_fedavg(
