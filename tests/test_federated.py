@@ -40,6 +40,7 @@ from runners.federated import (
 from runners.training import (
     DEFAULTS,
     Settings,
+    fusable,
     make_model,
     reference_fedavg,
     reference_walk,
@@ -304,7 +305,7 @@ def test_shard_order_is_a_seeded_permutation_per_seed_epoch_and_shard() -> None:
 
 
 # -- walk training equals plain PyTorch ------------------------------------------------------
-async def _walk(transport: str, shards, settings_: Settings, *, shuffle: bool = True) -> None:
+async def _walk(transport: str, shards, settings_: Settings, *, shuffle: bool = True, fused=None) -> None:
     n_features = shards[0][0].shape[1]
     federated = make_model(n_features, settings_.hidden, seed=1)
     local = make_model(n_features, settings_.hidden, seed=1)
@@ -316,7 +317,9 @@ async def _walk(transport: str, shards, settings_: Settings, *, shuffle: bool = 
         assert dataset.workers == workers and len(dataset) == sum(len(x) for x, _ in shards)
         loader = FederatedDataLoader(dataset, settings_.batch_size, shuffle=shuffle, seed=settings_.seed)
         assert len(loader) == len(epoch_plan([len(x) for x, _ in shards], settings_.batch_size))
-        history = await train_walk(federated, loader, settings_, lambda e, v: progress.append((e, v)))
+        history = await train_walk(
+            federated, loader, settings_, lambda e, v: progress.append((e, v)), fused=fused
+        )
         del dataset, loader
     expected = reference_walk(local, shards, settings_, shuffle=shuffle)
     _assert_same_parameters(federated, local)
@@ -326,10 +329,13 @@ async def _walk(transport: str, shards, settings_: Settings, *, shuffle: bool = 
     assert expected.epoch_loss[-1] < expected.epoch_loss[0]
 
 
-async def test_walk_training_equals_plain_pytorch(transport) -> None:
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "op-by-op"])
+async def test_walk_training_equals_plain_pytorch(transport, fused) -> None:
     x, y = _toy(40)
     shards = _shards(x, y, split_indices(40, 2, "round-robin", batch_size=8, seed=3))
-    await _walk(transport, shards, Settings(epochs=3, lr=0.05, batch_size=8, seed=3, hidden=(8,)))
+    await _walk(
+        transport, shards, Settings(epochs=3, lr=0.05, batch_size=8, seed=3, hidden=(8,)), fused=fused
+    )
 
 
 @pytest.mark.parametrize("shuffle", [True, False])
@@ -593,3 +599,16 @@ async def test_two_ws_workers_that_talked_to_each_other_stop_promptly() -> None:
             await server.worker.close()
         for server in servers:
             await server.close()
+
+
+async def test_models_the_fused_walk_cannot_take_fall_back_or_are_refused() -> None:
+    """BatchNorm keeps running statistics, which a flat vector of parameters would not carry."""
+    with_buffers = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
+    assert fusable(with_buffers) is None
+    assert fusable(make_model(3, (4,))) == module_spec(make_model(3, (4,)))
+    x, y = _toy(16)
+    async with holding("virtual", [(x, y)]) as workers:
+        dataset = await FederatedDataset.from_workers(workers, TOY)
+        with pytest.raises(TypeError, match="fused"):
+            await train_walk(with_buffers, FederatedDataLoader(dataset, 8), Settings(epochs=1), fused=True)
+        del dataset
