@@ -127,11 +127,11 @@ async def _walk_fused(
     for epoch in range(settings.epochs):
         losses: Losses = {}
         order = []  # (worker, position in its list): the visiting order, for the mean
-        for worker, x, y in loader.epoch(epoch):
+        for worker, x, y, rows in loader.epoch_rows(epoch):
             flat.move(worker)  # one tensor, worker to worker; nothing when it is already there
             mine = losses.setdefault(worker, [])
             order.append((worker, len(mine)))
-            mine.append(call(worker, "nn.sgd_step", [key, flat, x, y], options))
+            mine.append(call(worker, "nn.sgd_step", [key, flat, x, y], {**options, "rows": rows}))
         history.epoch_loss.append(await _mean_loss(losses, order))  # also the epoch's barrier
         if progress is not None:
             progress(epoch + 1, history.epoch_loss[-1])
