@@ -43,6 +43,7 @@ from protocol import (
     ProtocolError,
     Reply,
     Store,
+    SyftError,
     WireError,
     WorkerLost,
     published_id,
@@ -67,7 +68,7 @@ class Session:
     ) -> None:
         self.worker = worker
         self.peer_id = peer_id
-        self.send = send
+        self._send = send
         #: Called once when the session closes (the transport tells its client the worker is gone).
         self.on_close: Callable[[], None] | None = None
         #: The reply direction's backpressure; the session stops reading while it is paused.
@@ -107,7 +108,18 @@ class Session:
                         worker.report_failure(self, message, exc)
                         break
             if self.flow is not None and self.flow.paused:
-                await self.flow.wait()
+                try:
+                    await self.flow.wait()
+                except SyftError:  # the link is gone; its transport closes this session
+                    return
+
+    def send(self, frame: Buffer) -> None:
+        """Hand a frame back to the sender; a link that is already gone only costs a log line
+        (its transport closes this session), never the session itself."""
+        try:
+            self._send(frame)
+        except (SyftError, OSError) as exc:
+            self.worker.log.info("reply dropped: the link is gone", sender=self.peer_id, error=str(exc))
 
     def reply(self, in_reply_to: int, value: Any) -> None:
         worker = self.worker
