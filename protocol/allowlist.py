@@ -5,7 +5,7 @@ The wire names an operation by a string such as ``"torch.add"``, ``"Tensor.sum"`
 literal names in this file. The wire never reaches ``getattr``, ``import`` or ``eval``: a name not
 in the table is a :class:`~protocol.errors.CommandNotAllowed` naming it.
 
-Deliberately absent: anything that reads or writes files or process state (``torch.load``,
+Deliberately absent: anything that reads or writes files or process state (torch's ``load``,
 ``save``, ``from_file``, ``set_default_*``, ``manual_seed``), re-points or resizes storage
 (``set_``, ``as_strided``, ``resize_``, ``share_memory_``), exposes addresses (``data_ptr``,
 ``storage``), or takes a callable (``apply_``, ``map_``, hooks, optimizer closures).

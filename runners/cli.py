@@ -19,6 +19,10 @@ from runners.experiments import settings_from, table1, train_command, use_data_d
 from runners.federated import SPLITS, Federation
 
 
+def _data_dir_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", help=f"dataset folder (default: ${DATA_ENV}, else the user cache)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aiosyft", description=__doc__)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log info (-v) or debug (-vv)")
@@ -38,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--split", choices=SPLITS, default="round-robin")
     worker.add_argument("--split-seed", type=int, default=0)
     worker.add_argument("--batch-size", type=int, default=8, help="batch size of a round-robin split")
-    worker.add_argument("--data-dir", help=f"dataset folder (default: ${DATA_ENV}, else the user cache)")
+    _data_dir_option(worker)
 
     train = commands.add_parser("train", help="federated training on Boston Housing or Pima Diabetes")
     train.add_argument("--dataset", choices=sorted(SOURCES), default="boston")
@@ -51,13 +55,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int)
     train.add_argument("--split", choices=SPLITS, default="round-robin")
     train.add_argument("--seed", type=int)
-    train.add_argument("--data-dir", help=f"dataset folder (default: ${DATA_ENV}, else the user cache)")
+    _data_dir_option(train)
 
     table = commands.add_parser("table1", help="the paper's Table 1 (training time per mode), measured here")
     table.add_argument("--repeats", type=int, default=5, help="timed runs per mode; the median is reported")
     table.add_argument("--json", type=Path, help="also write the rows to this file")
     table.add_argument("--png", type=Path, default=Path("table1.png"), help="bar chart (default table1.png)")
-    table.add_argument("--data-dir", help=f"dataset folder (default: ${DATA_ENV}, else the user cache)")
+    _data_dir_option(table)
 
     launch = commands.add_parser("launch", help="start N local worker processes; Ctrl-C stops them")
     launch.add_argument("--workers", required=True, help="comma-separated ids, e.g. alice,bob,carol")
