@@ -107,17 +107,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     elif args.command == "train":
         use_data_dir(args.data_dir)
-        asyncio.run(
-            train_command(
-                args.dataset,
-                args.workers,
-                args.transport,
-                args.style,
-                settings_from(args),
-                args.rounds,
-                args.split,
-            )
-        )
+        federation = Federation(args.dataset, args.workers, args.split)
+        asyncio.run(train_command(federation, args.transport, args.style, settings_from(args), args.rounds))
     elif args.command == "table1":
         use_data_dir(args.data_dir)
         asyncio.run(table1(args.repeats, args.json, args.png))
