@@ -113,9 +113,9 @@ class FrameStream(asyncio.BufferedProtocol):
         while self._end - self._start >= _LENGTH.size:
             (length,) = _LENGTH.unpack_from(buffer, self._start)
             if length > self.max_frame_size:
-                self.abort(
-                    FrameTooLarge(f"record of {length} bytes exceeds the limit of {self.max_frame_size}")
-                )
+                error = FrameTooLarge(f"record of {length} bytes exceeds the limit of {self.max_frame_size}")
+                _log.warning("frame refused, closing the connection", error=str(error))
+                self.abort(error)
                 return
             body = self._start + _LENGTH.size
             if self._end - body >= length:
