@@ -60,7 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     table = commands.add_parser("table1", help="the paper's Table 1 (training time per mode), measured here")
     table.add_argument("--repeats", type=int, default=5, help="timed runs per mode; the median is reported")
     table.add_argument("--json", type=Path, help="also write the rows to this file")
-    table.add_argument("--png", type=Path, default=Path("table1.png"), help="bar chart (default table1.png)")
+    table.add_argument(
+        "--png", type=Path, default=Path("results/table1.png"), help="bar chart (default results/table1.png)"
+    )
     _data_dir_option(table)
 
     launch = commands.add_parser("launch", help="start N local worker processes; Ctrl-C stops them")

@@ -155,6 +155,7 @@ async def table1(
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=2) + "\n")
     if png_path is not None:
+        png_path.parent.mkdir(parents=True, exist_ok=True)
         plot_table1(result, png_path)
         print(f"chart: {png_path}")
     return result
