@@ -50,6 +50,9 @@ class ObjectStore:
     def __len__(self) -> int:
         return len(self.objects)
 
+    def __contains__(self, obj_id: int) -> bool:
+        return obj_id in self.objects
+
     def put(self, obj_id: int, value: Any, owner: str) -> None:
         self.objects[obj_id] = value
         self.owners[obj_id] = owner
