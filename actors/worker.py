@@ -270,26 +270,19 @@ class Worker:
     async def wait_for_arrival(self, awaiting: Awaiting, owner: str) -> None:
         """Wait (bounded) for an announced object; if it never comes, it becomes a failure.
 
-        A plain future and a timer rather than ``wait_for(shield(...))``: a walking model waits
-        here once per step, and the task machinery of ``wait_for`` cost more than the step.
+        The store resolves this session's own future when the object comes, and a timer
+        resolves it otherwise: a walking model waits here once per step, so the wait is one
+        future and one timer, not ``wait_for`` and its task.
         """
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
-
-        def arrived(_: asyncio.Future[None]) -> None:
-            if not waiter.done():
-                waiter.set_result(True)
-
-        def expired() -> None:
-            if not waiter.done():
-                waiter.set_result(False)
-
-        awaiting.arrival.add_done_callback(arrived)
-        timer = None if awaiting.obj_id in self._jobs else loop.call_later(self.expect_timeout, expired)
+        waiter = self.store.wait(awaiting.obj_id)
+        if waiter is None:  # it came (or was dropped) meanwhile: the retry tells which
+            return
+        timer = None
+        if awaiting.obj_id not in self._jobs:
+            timer = asyncio.get_running_loop().call_later(self.expect_timeout, _give_up, waiter)
         try:
             came = await waiter
         finally:
-            awaiting.arrival.remove_done_callback(arrived)
             if timer is not None:
                 timer.cancel()
         if not came:
@@ -496,6 +489,11 @@ class Worker:
 
 _MISSING: Any = object()
 _CONTAINERS = (list, tuple, dict)
+
+
+def _give_up(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
 
 
 def describe(value: Any) -> dict[str, Any]:

@@ -134,13 +134,48 @@ def fit(
 
 
 # -- one fused training step, for a model that walks from worker to worker ----------------------
+class _Stepper:
+    """A worker's standing copy of one model shape, for fused steps.
+
+    Its parameters are leaves laid out in one flat buffer; a step copies the arriving vector in,
+    differentiates with respect to those leaves and copies the result out. Two copies of a few
+    kilobytes cost less than building a dozen fresh views every step, and the leaves never
+    change, so autograd sees the same graph shape each time.
+    """
+
+    __slots__ = ("module", "buffer", "leaves", "numel")
+
+    def __init__(self, module: nn.Module) -> None:
+        if any(True for _ in module.buffers()):
+            raise BadArguments("a model with buffers (running statistics) cannot take fused steps")
+        self.module = module
+        shapes = [p.shape for p in module.parameters()]
+        self.numel = sum(shape.numel() for shape in shapes)
+        self.buffer = torch.zeros(self.numel)
+        self.leaves = [
+            chunk.view(shape).requires_grad_(True)
+            for chunk, shape in zip(self.buffer.split([s.numel() for s in shapes]), shapes, strict=True)
+        ]
+
+    def step(
+        self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, loss_fn: Any, lr: float
+    ) -> torch.Tensor:
+        leaves = self.leaves
+        with torch.no_grad():
+            self.buffer.copy_(flat)
+        value = loss_fn(_forward(self.module, leaves, x), y)
+        grads = torch.autograd.grad(value, leaves)
+        with torch.no_grad():
+            for leaf, grad in zip(leaves, grads, strict=True):
+                leaf.add_(grad, alpha=-lr)
+            flat.copy_(self.buffer)
+        return value.detach()
+
+
 @functools.lru_cache(maxsize=64)
-def _skeleton(spec_key: str) -> tuple[nn.Module, tuple[tuple[str, torch.Size, int], ...]]:
-    """The module a spec describes, built once per worker, and its parameters' layout in a flat
-    vector (name, shape, length). Only its structure is used: parameters come with each step."""
-    module = build_module(json.loads(spec_key))
-    layout = tuple((name, p.shape, p.numel()) for name, p in module.named_parameters())
-    return module, layout
+def _stepper(spec_key: str) -> _Stepper:
+    """Built once per worker and model shape; the parameters come with each step."""
+    return _Stepper(build_module(json.loads(spec_key)))
 
 
 def spec_key(spec: Any) -> str:
@@ -186,25 +221,15 @@ def sgd_step(
     if not isinstance(spec, str):
         raise BadArguments("nn.sgd_step takes the model spec as its JSON key (protocol.modules.spec_key)")
     try:
-        module, layout = _skeleton(spec)
+        stepper = _stepper(spec)
     except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
         raise BadArguments(f"bad model spec: {exc}") from exc
-    if flat.dim() != 1 or flat.numel() != sum(n for _, _, n in layout):
-        raise BadArguments(
-            f"the model has {sum(n for _, _, n in layout)} parameters, got {tuple(flat.shape)}"
-        )
+    if not isinstance(flat, torch.Tensor) or flat.dtype != torch.float32 or flat.shape != (stepper.numel,):
+        shape = tuple(flat.shape) if isinstance(flat, torch.Tensor) else type(flat).__name__
+        raise BadArguments(f"the model has {stepper.numel} float32 parameters, got {shape}")
     if rows is not None:
         x, y = x[rows], y[rows]
-    views, offset = [], 0
-    for _, shape, length in layout:
-        views.append(flat[offset : offset + length].view(shape).requires_grad_(True))
-        offset += length
-    value = loss_fn(_forward(module, views, x), y)
-    grads = torch.autograd.grad(value, views)
-    with torch.no_grad():
-        for view, grad in zip(views, grads, strict=True):
-            view.add_(grad, alpha=-lr)
-    return value.detach()
+    return stepper.step(flat, x, y, loss_fn, lr)
 
 
 def _forward(module: nn.Module, params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
