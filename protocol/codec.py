@@ -105,6 +105,10 @@ _FLAG_PARAMETER = 2
 _FLAG_GRAD = 4
 _FLAGS = _FLAG_REQUIRES_GRAD | _FLAG_PARAMETER | _FLAG_GRAD
 _REF = struct.Struct(">Q")
+#: Shapes on the wire, by number of dimensions.
+_SHAPES = tuple(struct.Struct(f"<{n}Q") for n in range(MAX_DIMS + 1))
+#: Dtypes ``Tensor.numpy`` can view without a copy (bfloat16 has no numpy counterpart).
+_NUMPY_DTYPES = frozenset(DTYPES) - {torch.bfloat16}
 
 
 class ObjRef:
@@ -147,7 +151,9 @@ def _align(n: int) -> int:
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """A flat byte view of a contiguous tensor, for any dtype (bfloat16 and bool included)."""
+    """A byte view of a contiguous tensor, for any dtype (bfloat16 and bool included)."""
+    if t.dtype in _NUMPY_DTYPES and t.is_contiguous():
+        return memoryview(t.numpy())  # one call; the frame takes any contiguous buffer
     flat = t.reshape(-1)
     if flat.numel() and flat.stride(0) != 1:  # a one-element view keeps its odd stride
         flat = flat.clone(memory_format=torch.contiguous_format)
@@ -232,7 +238,7 @@ class FrameBuilder:
 
     def _default(self, obj: Any) -> Any:
         if isinstance(obj, torch.Tensor):
-            return msgpack.ExtType(EXT_TENSOR, self._tensor_payload(obj, with_grad=True))
+            return tuple.__new__(msgpack.ExtType, (EXT_TENSOR, self._tensor_payload(obj, with_grad=True)))
         to_wire = getattr(obj, "__wire__", None)  # pointers know their own wire form
         if to_wire is not None:
             return to_wire()
@@ -287,7 +293,8 @@ class FrameBuilder:
             raise TypeError(f"dtype {t.dtype} is not supported on the wire")
         if t.ndim > MAX_DIMS:
             raise TypeError(f"tensors of more than {MAX_DIMS} dimensions cannot be sent")
-        data = t.detach()
+        requires_grad = t.requires_grad
+        data = t.detach() if requires_grad else t  # the bytes are read before the frame leaves
         if data.is_conj():
             data = data.resolve_conj()
         if data.is_neg():
@@ -295,14 +302,15 @@ class FrameBuilder:
         data = data.contiguous()
         offset = _align(self._data_len)
         self._buffers.append((offset, data))
-        self._data_len = offset + data.numel() * data.element_size()
+        self._data_len = offset + data.nbytes
         grad = t.grad if with_grad and t.is_leaf else None
         flags = (
-            (_FLAG_REQUIRES_GRAD if t.requires_grad else 0)
-            | (_FLAG_PARAMETER if isinstance(t, torch.nn.Parameter) else 0)
+            (_FLAG_REQUIRES_GRAD if requires_grad else 0)
+            | (_FLAG_PARAMETER if type(t) is not torch.Tensor and isinstance(t, torch.nn.Parameter) else 0)
             | (_FLAG_GRAD if grad is not None else 0)
         )
-        payload = TENSOR_HEAD.pack(code, flags, t.ndim, offset) + struct.pack(f"<{t.ndim}Q", *t.shape)
+        ndim = t.ndim
+        payload = TENSOR_HEAD.pack(code, flags, ndim, offset) + _SHAPES[ndim].pack(*t.shape)
         if grad is not None:
             payload += self._tensor_payload(grad, with_grad=False)
         return payload
@@ -448,7 +456,7 @@ class _FrameReader:
         end = TENSOR_HEAD.size + 8 * ndim
         if len(data) < end:
             raise MalformedFrame("tensor header ends inside its shape")
-        shape = struct.unpack_from(f"<{ndim}Q", data, TENSOR_HEAD.size)
+        shape = _SHAPES[ndim].unpack_from(data, TENSOR_HEAD.size)
         dtype = DTYPES[code]
         count = math.prod(shape)
         start = self.data_start + offset
@@ -463,7 +471,9 @@ class _FrameReader:
             chunk = bytearray(view[start : start + nbytes])
             tensor = torch.frombuffer(chunk, dtype=dtype, count=count).view(shape)
         else:
-            tensor = torch.frombuffer(frame, dtype=dtype, count=count, offset=start).view(shape)
+            tensor = torch.frombuffer(frame, dtype=dtype, count=count, offset=start)
+            if ndim != 1:
+                tensor = tensor.view(shape)
         requires_grad = bool(flags & _FLAG_REQUIRES_GRAD)
         if flags & _FLAG_PARAMETER:
             tensor = torch.nn.Parameter(tensor, requires_grad=requires_grad)
