@@ -175,6 +175,9 @@ class Worker:
         self.sessions: set[Session] = set()
         self.peers: dict[str, Connection] = {}
         self._jobs: set[int] = set()
+        #: Sessions waiting for announced objects, with their deadlines (oldest first).
+        self._deadlines: dict[asyncio.Future[bool], float] = {}
+        self._watchdog: asyncio.TimerHandle | None = None
         self.started = time.monotonic()
         self.log = get_logger(worker=worker_id)
         self._msg_ids = iter(range(1, 1 << 62)).__next__
@@ -209,6 +212,9 @@ class Worker:
 
     async def close(self) -> None:
         await self.on_stop()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         sessions = list(self.sessions)
         for session in sessions:
             session.close()
@@ -270,21 +276,25 @@ class Worker:
     async def wait_for_arrival(self, awaiting: Awaiting, owner: str) -> None:
         """Wait (bounded) for an announced object; if it never comes, it becomes a failure.
 
-        The store resolves this session's own future when the object comes, and a timer
-        resolves it otherwise: a walking model waits here once per step, so the wait is one
-        future and one timer, not ``wait_for`` and its task.
+        The store resolves this session's own future when the object comes; otherwise the
+        worker's one watchdog resolves it at its deadline. A walking model waits here once per
+        step: a timer per wait (or ``wait_for`` and its task) cost more than the rest of the wait.
         """
         waiter = self.store.wait(awaiting.obj_id)
         if waiter is None:  # it came (or was dropped) meanwhile: the retry tells which
             return
-        timer = None
-        if awaiting.obj_id not in self._jobs:
-            timer = asyncio.get_running_loop().call_later(self.expect_timeout, _give_up, waiter)
+        bounded = awaiting.obj_id not in self._jobs  # a job's result takes as long as it takes
+        if bounded:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.expect_timeout
+            self._deadlines[waiter] = deadline
+            if self._watchdog is None:
+                self._watchdog = loop.call_at(deadline, self._expire_waits)
         try:
             came = await waiter
         finally:
-            if timer is not None:
-                timer.cancel()
+            if bounded:
+                self._deadlines.pop(waiter, None)
         if not came:
             error = WorkerLost(
                 f"object {awaiting.obj_id:#x} was announced but did not arrive within "
@@ -292,6 +302,19 @@ class Worker:
             )
             self.store.put(awaiting.obj_id, Failure(WireError.from_exception(error, awaiting.obj_id)), owner)
         # If the announced object was deleted before it came, the retry reports it missing.
+
+    def _expire_waits(self) -> None:
+        """Give up the waits whose deadline passed; sleep until the next one. Deadlines are
+        set in order with one timeout, so the oldest comes first."""
+        self._watchdog = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for waiter, deadline in list(self._deadlines.items()):
+            if deadline > now:
+                self._watchdog = loop.call_at(deadline, self._expire_waits)
+                return
+            del self._deadlines[waiter]
+            _give_up(waiter)
 
     def _on_command(self, session: Session, message: Command) -> None:
         # The hot path of every pointer operation: checks are inlined, not called.
