@@ -163,8 +163,14 @@ class Worker:
         expect_timeout: float = 60.0,
         max_frame_size: int = DEFAULT_MAX_FRAME,
         token: str | None = None,
+        spin: float = 0.0,
     ) -> None:
         self.id = worker_id
+        #: Seconds to keep polling, rather than sleeping, while a session waits for an announced
+        #: object (0: sleep at once). See :meth:`wait_for_arrival`.
+        self.spin = spin
+        self._spin_until = 0.0
+        self._spinning = False
         #: The cluster's shared secret: required of whoever connects, presented to peers.
         self.token = token
         self.address = address or f"virtual://{worker_id}"
@@ -279,6 +285,11 @@ class Worker:
         The store resolves this session's own future when the object comes; otherwise the
         worker's one watchdog resolves it at its deadline. A walking model waits here once per
         step: a timer per wait (or ``wait_for`` and its task) cost more than the rest of the wait.
+
+        With :attr:`spin` set, the loop keeps polling for up to that long before it sleeps. An
+        announced object is usually moments away (a peer is finishing the step that sends it),
+        and a process that sleeps between steps wakes on a cold core: measured on a 2-core VM,
+        a walk step ran in 185 us after a sleep and in 101 us on a core that stayed busy.
         """
         waiter = self.store.wait(awaiting.obj_id)
         if waiter is None:  # it came (or was dropped) meanwhile: the retry tells which
@@ -286,10 +297,16 @@ class Worker:
         bounded = awaiting.obj_id not in self._jobs  # a job's result takes as long as it takes
         if bounded:
             loop = asyncio.get_running_loop()
-            deadline = loop.time() + self.expect_timeout
+            now = loop.time()
+            deadline = now + self.expect_timeout
             self._deadlines[waiter] = deadline
             if self._watchdog is None:
                 self._watchdog = loop.call_at(deadline, self._expire_waits)
+            if self.spin > 0:
+                self._spin_until = now + self.spin
+                if not self._spinning:
+                    self._spinning = True
+                    loop.call_soon(self._keep_polling)
         try:
             came = await waiter
         finally:
@@ -302,6 +319,15 @@ class Worker:
             )
             self.store.put(awaiting.obj_id, Failure(WireError.from_exception(error, awaiting.obj_id)), owner)
         # If the announced object was deleted before it came, the retry reports it missing.
+
+    def _keep_polling(self) -> None:
+        """While a wait is on and the spin lasts, stay in the ready queue: the loop then polls
+        its sockets without blocking."""
+        loop = asyncio.get_running_loop()
+        if self._deadlines and loop.time() < self._spin_until:
+            loop.call_soon(self._keep_polling)
+        else:
+            self._spinning = False
 
     def _expire_waits(self) -> None:
         """Give up the waits whose deadline passed; sleep until the next one. Deadlines are

@@ -11,7 +11,7 @@ from actors import log
 from actors.auth import TOKEN_ENV
 from actors.net import TRANSPORTS
 from runners.bench import bench_pointers, bench_transport, format_pointers, format_transport, write_json
-from runners.cluster import launch, run_worker
+from runners.cluster import SPIN, launch, run_worker
 from runners.datasets import DATA_ENV, SOURCES
 from runners.demo import demo
 from runners.experiments import TRANSPORTS as EXPERIMENT_TRANSPORTS
@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--port", type=int, default=8777, help="0 picks a free port")
     worker.add_argument("--token", help=f"shared secret (default: ${TOKEN_ENV}; none: accept anyone)")
     worker.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    worker.add_argument(
+        "--spin-us", type=float, default=SPIN * 1e6,
+        help="microseconds to poll, not sleep, for an object on its way (default %(default)g; 0: off)",
+    )  # fmt: skip
     worker.add_argument("--dataset", choices=sorted(SOURCES), help="load and hold a shard of this dataset")
     worker.add_argument("--shard", default="0/1", help="which shard, as K/N (default 0/1)")
     worker.add_argument("--split", choices=SPLITS, default="round-robin")
@@ -105,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
                 token=args.token,
                 threads=args.threads,
                 data=data,
+                spin=args.spin_us / 1e6,
             )
         )
     elif args.command == "train":

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from runners.federated import FederatedDataLoader, FederatedDataset, epoch_plan,
 
 Progress = Callable[[int, float], None]
 Losses = dict[actors.RemoteWorker, list[actors.PointerTensor]]
+Order = list[tuple[actors.RemoteWorker, int]]
 
 
 @dataclass(frozen=True)
@@ -99,20 +100,20 @@ async def train_walk(
     loss_fn = LOSSES[settings.loss]
     actors.send_module(model, loader.dataset.workers[0])
     optimizer = actors.RemoteOptimizer(torch.optim.SGD, model.parameters(), lr=settings.lr)
-    history = History()
     optimizer.zero_grad()
-    for epoch in range(settings.epochs):
-        losses = []
+
+    def epoch_steps(epoch: int) -> Coroutine[Any, Any, float]:
+        losses: Losses = {}
+        order = []
         for worker, x, y in loader.epoch(epoch):
             actors.move_module(model, worker)  # no gradients to carry: each step drops them
             loss = loss_fn(model(x), y)
             loss.backward()
             optimizer.step(zero_grad=True)
-            losses.append(loss)  # after backward its graph is freed; the value stays
-        values = await asyncio.gather(*(loss.get() for loss in losses))  # also the epoch's barrier
-        history.epoch_loss.append(float(torch.stack(values).detach().mean()))
-        if progress is not None:
-            progress(epoch + 1, history.epoch_loss[-1])
+            _record(losses, order, worker, loss)  # after backward its graph is freed; the value stays
+        return _mean_loss(losses, order)
+
+    history = await _epochs(settings.epochs, epoch_steps, progress)
     await actors.get_module(model)
     return history
 
@@ -123,32 +124,63 @@ async def _walk_fused(
 ) -> History:  # fmt: skip
     flat = actors.send(flat_parameters(model), loader.dataset.workers[0])
     key, options = spec_key(spec), {"loss": settings.loss, "lr": settings.lr}
-    history = History()
-    for epoch in range(settings.epochs):
+
+    def epoch_steps(epoch: int) -> Coroutine[Any, Any, float]:
         losses: Losses = {}
-        order = []  # (worker, position in its list): the visiting order, for the mean
+        order: Order = []
         for worker, x, y, rows in loader.epoch_rows(epoch):
             flat.move(worker)  # one tensor, worker to worker; nothing when it is already there
-            mine = losses.setdefault(worker, [])
-            order.append((worker, len(mine)))
-            mine.append(call(worker, "nn.sgd_step", [key, flat, x, y], {**options, "rows": rows}))
-        history.epoch_loss.append(await _mean_loss(losses, order))  # also the epoch's barrier
-        if progress is not None:
-            progress(epoch + 1, history.epoch_loss[-1])
+            step = call(worker, "nn.sgd_step", [key, flat, x, y], {**options, "rows": rows})
+            _record(losses, order, worker, step)
+        return _mean_loss(losses, order)
+
+    history = await _epochs(settings.epochs, epoch_steps, progress)
     load_flat(model, await flat.get())
     return history
 
 
-async def _mean_loss(
-    losses: dict[actors.RemoteWorker, list[actors.PointerTensor]],
-    order: list[tuple[actors.RemoteWorker, int]],
-) -> float:
+async def _epochs(
+    epochs: int, epoch_steps: Callable[[int], Coroutine[Any, Any, float]], progress: Progress | None
+) -> History:
+    """Send each epoch's steps while the workers still run the previous one, then wait for that
+    one's loss: the workers never sit idle at an epoch's end waiting for the leader's next
+    burst, and at most two epochs are in flight."""
+    history = History()
+    in_flight: Coroutine[Any, Any, float] | None = None
+    try:
+        for epoch in range(epochs + 1):
+            following = epoch_steps(epoch) if epoch < epochs else None
+            await asyncio.sleep(0)  # the burst leaves now, before this process waits
+            if in_flight is not None:
+                loss, in_flight = in_flight, None
+                history.epoch_loss.append(await loss)
+                if progress is not None:
+                    progress(epoch, history.epoch_loss[-1])
+            in_flight = following
+    finally:
+        if in_flight is not None:  # an epoch failed: the next one's mean is never wanted
+            in_flight.close()
+    return history
+
+
+def _record(losses: Losses, order: Order, worker: actors.RemoteWorker, loss: actors.PointerTensor) -> None:
+    mine = losses.setdefault(worker, [])
+    order.append((worker, len(mine)))  # the visiting order, for the mean
+    mine.append(loss)
+
+
+def _mean_loss(losses: Losses, order: Order) -> Coroutine[Any, Any, float]:
     """Each worker stacks its own losses and one small tensor per worker comes back; the mean
-    is taken in visiting order, so it is the very float plain PyTorch computes."""
+    is taken in visiting order, so it is the very float plain PyTorch computes. The requests
+    leave now, right behind the epoch's steps; the awaitable gives the mean."""
     workers = list(losses)
-    stacks = await asyncio.gather(*(torch.stack(losses[worker]).get() for worker in workers))
-    by_worker = dict(zip(workers, stacks, strict=True))
-    return float(torch.stack([by_worker[worker][i] for worker, i in order]).mean())
+    stacks = [torch.stack(losses[worker]).get() for worker in workers]
+
+    async def mean() -> float:
+        by_worker = dict(zip(workers, await asyncio.gather(*stacks), strict=True))
+        return float(torch.stack([by_worker[worker][i] for worker, i in order]).detach().mean())
+
+    return mean()
 
 
 async def train_fedavg(
