@@ -140,15 +140,17 @@ class _Stepper:
     Its parameters are leaves laid out in one flat buffer; a step copies the arriving vector in,
     differentiates with respect to those leaves and copies the result out. Two copies of a few
     kilobytes cost less than building a dozen fresh views every step, and the leaves never
-    change, so autograd sees the same graph shape each time.
+    change, so autograd sees the same graph shape each time. The forward is planned once, as
+    a list of functional calls: the module's own ``forward`` with parameters passed in (what
+    ``torch.func.functional_call`` does, without its per-call bookkeeping, which cost more
+    than the small models it would run here).
     """
 
-    __slots__ = ("module", "buffer", "leaves", "numel")
+    __slots__ = ("buffer", "leaves", "numel", "plan")
 
     def __init__(self, module: nn.Module) -> None:
         if any(True for _ in module.buffers()):
             raise BadArguments("a model with buffers (running statistics) cannot take fused steps")
-        self.module = module
         shapes = [p.shape for p in module.parameters()]
         self.numel = sum(shape.numel() for shape in shapes)
         self.buffer = torch.zeros(self.numel)
@@ -156,20 +158,44 @@ class _Stepper:
             chunk.view(shape).requires_grad_(True)
             for chunk, shape in zip(self.buffer.split([s.numel() for s in shapes]), shapes, strict=True)
         ]
+        self.plan = [_planned(layer) for layer in module]
 
     def step(
         self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, loss_fn: Any, lr: float
     ) -> torch.Tensor:
-        leaves = self.leaves
-        with torch.no_grad():
-            self.buffer.copy_(flat)
-        value = loss_fn(_forward(self.module, leaves, x), y)
+        """SGD as ``torch.optim.SGD`` does it, on the whole vector at once: the buffer needs
+        no ``no_grad`` (it does not require grad; only its views do)."""
+        if flat.requires_grad:
+            flat = flat.detach()  # same storage: updated in place all the same
+        buffer, leaves = self.buffer, self.leaves
+        buffer.copy_(flat)
+        i = 0
+        for fn, count in self.plan:
+            if count == 2:
+                x = fn(x, leaves[i], leaves[i + 1])
+            elif count == 1:
+                x = fn(x, leaves[i])
+            else:
+                x = fn(x)
+            i += count
+        value = loss_fn(x, y)
         grads = torch.autograd.grad(value, leaves)
-        with torch.no_grad():
-            for leaf, grad in zip(leaves, grads, strict=True):
-                leaf.add_(grad, alpha=-lr)
-            flat.copy_(self.buffer)
+        buffer.add_(torch.cat([grad.view(-1) for grad in grads]), alpha=-lr)
+        flat.copy_(buffer)
         return value.detach()
+
+
+def _planned(layer: nn.Module) -> tuple[Callable[..., torch.Tensor], int]:
+    """A layer as (function of the input and its parameters, number of parameters)."""
+    count = sum(1 for _ in layer.parameters(recurse=False))
+    if isinstance(layer, nn.Linear):
+        return F.linear, count
+    if isinstance(layer, nn.Conv2d):
+        options = {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation}
+        return functools.partial(F.conv2d, groups=layer.groups, **options), count
+    if count:
+        raise BadArguments(f"{type(layer).__name__} cannot take a fused step")
+    return layer.forward, 0
 
 
 @functools.lru_cache(maxsize=64)
@@ -230,23 +256,3 @@ def sgd_step(
     if rows is not None:
         x, y = x[rows], y[rows]
     return stepper.step(flat, x, y, loss_fn, lr)
-
-
-def _forward(module: nn.Module, params: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """``module``'s forward with ``params`` in place of its own, layer by layer (what
-    ``torch.func.functional_call`` does, without its per-call bookkeeping, which cost more than
-    the small models it would run here)."""
-    given = iter(params)
-    for layer in module:
-        if isinstance(layer, nn.Linear):
-            weight = next(given)
-            x = F.linear(x, weight, next(given) if layer.bias is not None else None)
-        elif isinstance(layer, nn.Conv2d):
-            weight = next(given)
-            bias = next(given) if layer.bias is not None else None
-            x = F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
-        elif any(True for _ in layer.parameters(recurse=False)):
-            raise BadArguments(f"{type(layer).__name__} cannot take a fused step")
-        else:
-            x = layer.forward(x)
-    return x
