@@ -111,8 +111,26 @@ class ObjectPointer:
         Nothing is awaited: commands sent afterwards to ``destination`` that use the object wait
         on that worker until it has arrived.
         """
-        move_pointers([self], destination)
+        self._check_live()
+        source = self.location
+        if source is not destination:  # one object: the general case's grouping, without it
+            new_id = new_object_id()
+            there, here = destination.connection, source.connection
+            there.tell(Expect(there.next_id(), there.local_id, [new_id], ""))
+            here.tell(Forward(here.next_id(), here.local_id, [self.id], destination.id,
+                              destination.address, [new_id]))  # fmt: skip
+            self._moved(destination, new_id)
         return self
+
+    def _moved(self, destination: RemoteWorker, new_id: int) -> None:
+        """Follow the object to its new place. A failure reported for it travels along, and so
+        does the duty to report it."""
+        failure = self.location.connection.take_failure(self.id)
+        if failure is not None:
+            destination.connection._failures[new_id] = failure
+        self.location = destination
+        self.id = new_id
+        self._wire = None
 
 
 def move_pointers(pointers: list[ObjectPointer], destination: RemoteWorker) -> None:
@@ -134,12 +152,7 @@ def move_pointers(pointers: list[ObjectPointer], destination: RemoteWorker) -> N
         here.tell(Forward(here.next_id(), here.local_id, [p.id for p in group], destination.id,
                           destination.address, fresh))  # fmt: skip
         for pointer, new_id in zip(group, fresh, strict=True):
-            failure = here.take_failure(pointer.id)
-            if failure is not None:  # the failure travels with it; so does the duty to report it
-                there._failures[new_id] = failure
-            pointer.location = destination
-            pointer.id = new_id
-            pointer._wire = None
+            pointer._moved(destination, new_id)
 
 
 def call(

@@ -368,7 +368,10 @@ class Worker:
             if kwargs:
                 if type(kwargs) is not dict:
                     raise BadArguments(f"{op}: keyword arguments must be a map")
-                self._resolve_values(kwargs)
+                for value in kwargs.values():  # options are mostly plain values: resolve only refs
+                    if type(value) is ObjRef or type(value) in _CONTAINERS:
+                        self._resolve_values(kwargs)
+                        break
             if op in JOBS:
                 self._start_job(session, message, functools.partial(fn, *args, **(kwargs or {})))
                 return
