@@ -749,6 +749,29 @@ async def test_expect_timeout_fails_dependants_with_worker_lost(make_worker, bob
     assert await held(bob, collect=True) == 0
 
 
+@pytest.mark.parametrize("spin", [0.0, 0.05], ids=["sleeping", "polling"])
+async def test_announced_objects_that_never_come_run_out_one_deadline_each(make_worker, transport, spin):
+    """One watchdog serves every wait: a wait that starts after another has run out gets its own
+    full deadline, and a worker that polls while it waits stops polling once nobody waits."""
+    carol = await make_worker("carol", expect_timeout=0.2, spin=spin)
+    connection = carol.connection
+    first, second = actors.new_object_id(), actors.new_object_id()
+    connection.tell(Expect(connection.next_id(), connection.local_id, [first, second], "nobody"))
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    with pytest.raises(WorkerLost, match="did not arrive"):
+        await (PointerTensor(carol, first) * 2)
+    first_failed = loop.time() - start
+    with pytest.raises(WorkerLost, match="did not arrive"):
+        await (PointerTensor(carol, second) + 1)
+    second_failed = loop.time() - start
+    assert first_failed >= 0.2 and second_failed - first_failed >= 0.2
+    await assert_value(actors.send(torch.tensor([1.0]), carol) + 1, torch.tensor([2.0]))
+    if transport == "virtual":
+        assert carol.worker._deadlines == {} and not carol.worker._spinning
+    assert await held(carol, collect=True) == 0
+
+
 async def check_remote_errors_keep_builtin_types(bob):
     x = actors.send(torch.ones(2), bob)
     with pytest.raises(IndexError) as index_error:
