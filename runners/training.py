@@ -146,21 +146,29 @@ async def _epochs(
     one's loss: the workers never sit idle at an epoch's end waiting for the leader's next
     burst, and at most two epochs are in flight."""
     history = History()
-    in_flight: Coroutine[Any, Any, float] | None = None
+    pending: list[Coroutine[Any, Any, float]] = []  # epochs whose loss is not in yet, oldest first
+
+    async def settle(keep: int) -> None:
+        while len(pending) > keep:
+            history.epoch_loss.append(await pending.pop(0))
+            if progress is not None:
+                progress(len(history.epoch_loss), history.epoch_loss[-1])
+
     try:
-        for epoch in range(epochs + 1):
-            following = epoch_steps(epoch) if epoch < epochs else None
+        for epoch in range(epochs):
+            pending.append(epoch_steps(epoch))
             await asyncio.sleep(0)  # the burst leaves now, before this process waits
-            if in_flight is not None:
-                loss, in_flight = in_flight, None
-                history.epoch_loss.append(await loss)
-                if progress is not None:
-                    progress(epoch, history.epoch_loss[-1])
-            in_flight = following
+            await settle(keep=1)
+        await settle(keep=0)
     finally:
-        if in_flight is not None:  # an epoch failed: the next one's mean is never wanted
-            in_flight.close()
+        for mean in pending:  # an epoch failed: the later ones' means are not wanted
+            mean.close()
     return history
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _record(losses: Losses, order: Order, worker: actors.RemoteWorker, loss: actors.PointerTensor) -> None:
@@ -175,6 +183,8 @@ def _mean_loss(losses: Losses, order: Order) -> Coroutine[Any, Any, float]:
     leave now, right behind the epoch's steps; the awaitable gives the mean."""
     workers = list(losses)
     stacks = [torch.stack(losses[worker]).get() for worker in workers]
+    for stack in stacks:  # the first failure is raised below; the others are the same story
+        stack.add_done_callback(_retrieve)
 
     async def mean() -> float:
         by_worker = dict(zip(workers, await asyncio.gather(*stacks), strict=True))

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 import actors
 from actors.connection import Connection
 from actors.pointer import PointerTensor, call
-from protocol import Codec, PermissionDenied, Store, published_id
+from protocol import Codec, PermissionDenied, RemoteError, Store, published_id
 from protocol.modules import fit, module_spec
 from runners.datasets import SOURCES, Dataset, data_dir, load
 from runners.experiments import federated_run, federated_workers, train_command
@@ -612,3 +612,21 @@ async def test_models_the_fused_walk_cannot_take_fall_back_or_are_refused() -> N
         with pytest.raises(TypeError, match="fused"):
             await train_walk(with_buffers, FederatedDataLoader(dataset, 8), Settings(epochs=1), fused=True)
         del dataset
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "op-by-op"])
+async def test_a_step_that_fails_stops_the_walk_with_the_workers_error(recwarn, fused) -> None:
+    """The leader runs an epoch ahead; a failed step still surfaces as the worker's error, with
+    nothing left behind (no loss never awaited, no object left on the workers)."""
+    x, y = _toy(32)
+    shards = [(x[:16].clone(), y[:16].view(-1).clone()), (x[16:].clone(), y[16:].view(-1).clone())]
+    async with holding("virtual", shards) as workers:
+        dataset = await FederatedDataset.from_workers(workers, TOY)
+        settings_ = Settings(epochs=3, loss="cross_entropy", hidden=(4,))  # float targets: not classes
+        with pytest.raises(RuntimeError, match="Long") as failure:
+            await train_walk(make_model(3, (4,)), FederatedDataLoader(dataset, 8), settings_, fused=fused)
+        assert isinstance(failure.value, RemoteError)
+        del dataset, failure
+        gc.collect()
+        await asyncio.sleep(0.01)
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]
