@@ -9,6 +9,7 @@ reference frees the remote object, in batches.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import os
@@ -89,7 +90,7 @@ class ObjectPointer:
     def _learn(self, meta: dict[str, Any]) -> None:
         """Record what resolution told (tensors keep shape and dtype)."""
 
-    def get(self) -> Awaitable[Any]:
+    def get(self) -> asyncio.Future[Any]:
         """Fetch the value and free it remotely. The request leaves now, after every command
         already sent through this pointer's worker."""
         self._check_live()

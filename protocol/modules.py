@@ -159,7 +159,7 @@ class _Stepper:
         shapes = [p.shape for p in module.parameters()]
         transposed = {id(layer.weight) for layer in module if isinstance(layer, nn.Linear)}
         self.numel = sum(shape.numel() for shape in shapes)
-        self.buffer = torch.zeros(self.numel)
+        self.buffer = torch.zeros(self.numel, dtype=torch.float32)
         self.leaves = []
         chunks = self.buffer.split([s.numel() for s in shapes])
         for chunk, shape, p in zip(chunks, shapes, module.parameters(), strict=True):
@@ -212,9 +212,10 @@ def _planned(layer: nn.Module) -> tuple[Callable[..., torch.Tensor], int]:
     return layer.forward, 0
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=8)
 def _stepper(spec_key: str) -> _Stepper:
-    """Built once per worker and model shape; the parameters come with each step."""
+    """Built once per worker and model shape; the parameters come with each step. A few shapes
+    are kept: each holds a buffer the size of its model."""
     return _Stepper(build_module(json.loads(spec_key)))
 
 

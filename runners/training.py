@@ -104,7 +104,7 @@ async def train_walk(
 
     def epoch_steps(epoch: int) -> Coroutine[Any, Any, float]:
         losses: Losses = {}
-        order = []
+        order: Order = []
         for worker, x, y in loader.epoch(epoch):
             actors.move_module(model, worker)  # no gradients to carry: each step drops them
             loss = loss_fn(model(x), y)
