@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,8 +25,6 @@ from runners.datasets import Dataset
 from runners.federated import FederatedDataLoader, FederatedDataset, epoch_plan, shard_order
 
 Progress = Callable[[int, float], None]
-Losses = dict[actors.RemoteWorker, list[actors.PointerTensor]]
-Order = list[tuple[actors.RemoteWorker, int]]
 
 
 @dataclass(frozen=True)
@@ -102,16 +100,15 @@ async def train_walk(
     optimizer = actors.RemoteOptimizer(torch.optim.SGD, model.parameters(), lr=settings.lr)
     optimizer.zero_grad()
 
-    def epoch_steps(epoch: int) -> Coroutine[Any, Any, float]:
-        losses: Losses = {}
-        order: Order = []
+    def epoch_steps(epoch: int) -> _Epoch:
+        sent = _Epoch()
         for worker, x, y in loader.epoch(epoch):
             actors.move_module(model, worker)  # no gradients to carry: each step drops them
             loss = loss_fn(model(x), y)
             loss.backward()
             optimizer.step(zero_grad=True)
-            _record(losses, order, worker, loss)  # after backward its graph is freed; the value stays
-        return _mean_loss(losses, order)
+            sent.add(worker, loss)  # after backward its graph is freed; the value stays
+        return sent.ask_mean()
 
     history = await _epochs(settings.epochs, epoch_steps, progress)
     await actors.get_module(model)
@@ -125,32 +122,31 @@ async def _walk_fused(
     flat = actors.send(flat_parameters(model), loader.dataset.workers[0])
     key, options = spec_key(spec), {"loss": settings.loss, "lr": settings.lr}
 
-    def epoch_steps(epoch: int) -> Coroutine[Any, Any, float]:
-        losses: Losses = {}
-        order: Order = []
+    def epoch_steps(epoch: int) -> _Epoch:
+        sent = _Epoch()
         for worker, x, y, rows in loader.epoch_rows(epoch):
             flat.move(worker)  # one tensor, worker to worker; nothing when it is already there
-            step = call(worker, "nn.sgd_step", [key, flat, x, y], {**options, "rows": rows})
-            _record(losses, order, worker, step)
-        return _mean_loss(losses, order)
+            sent.add(worker, call(worker, "nn.sgd_step", [key, flat, x, y], {**options, "rows": rows}))
+        return sent.ask_mean()
 
     history = await _epochs(settings.epochs, epoch_steps, progress)
     load_flat(model, await flat.get())
     return history
 
 
-async def _epochs(
-    epochs: int, epoch_steps: Callable[[int], Coroutine[Any, Any, float]], progress: Progress | None
-) -> History:
+async def _epochs(epochs: int, epoch_steps: Callable[[int], _Epoch], progress: Progress | None) -> History:
     """Send each epoch's steps while the workers still run the previous one, then wait for that
     one's loss: the workers never sit idle at an epoch's end waiting for the leader's next
-    burst, and at most two epochs are in flight."""
+    burst, and at most two epochs are in flight. A failed step ends the walk with its error,
+    once every step sent has answered (they would fail alike, and each unheard failure would
+    be logged as never retrieved)."""
     history = History()
-    pending: list[Coroutine[Any, Any, float]] = []  # epochs whose loss is not in yet, oldest first
+    pending: list[_Epoch] = []  # epochs whose loss is not in yet, oldest first
 
     async def settle(keep: int) -> None:
         while len(pending) > keep:
-            history.epoch_loss.append(await pending.pop(0))
+            history.epoch_loss.append(await pending[0].mean())
+            pending.pop(0)
             if progress is not None:
                 progress(len(history.epoch_loss), history.epoch_loss[-1])
 
@@ -160,37 +156,48 @@ async def _epochs(
             await asyncio.sleep(0)  # the burst leaves now, before this process waits
             await settle(keep=1)
         await settle(keep=0)
-    finally:
-        for mean in pending:  # an epoch failed: the later ones' means are not wanted
-            mean.close()
+    except Exception:
+        for sent in pending:
+            await sent.hear_out()
+        raise
     return history
+
+
+class _Epoch:
+    """One epoch's steps, sent: their loss pointers per worker, in visiting order."""
+
+    def __init__(self) -> None:
+        self.losses: dict[actors.RemoteWorker, list[actors.PointerTensor]] = {}
+        self.order: list[tuple[actors.RemoteWorker, int]] = []
+        self._stacks: list[asyncio.Future[Any]] = []
+
+    def add(self, worker: actors.RemoteWorker, loss: actors.PointerTensor) -> None:
+        mine = self.losses.setdefault(worker, [])
+        self.order.append((worker, len(mine)))
+        mine.append(loss)
+
+    def ask_mean(self) -> _Epoch:
+        """Each worker stacks its own losses and one small tensor per worker will come back;
+        the requests leave now, right behind the epoch's steps."""
+        self._stacks = [torch.stack(losses).get() for losses in self.losses.values()]
+        for stack in self._stacks:  # the first failure is raised by mean(); the rest are alike
+            stack.add_done_callback(_retrieve)
+        return self
+
+    async def mean(self) -> float:
+        """The mean loss in visiting order: the very float plain PyTorch computes."""
+        by_worker = dict(zip(self.losses, await asyncio.gather(*self._stacks), strict=True))
+        return float(torch.stack([by_worker[worker][i] for worker, i in self.order]).detach().mean())
+
+    async def hear_out(self) -> None:
+        """Wait for every step's answer, failures included, and take them as retrieved."""
+        steps = [loss.resolve() for losses in self.losses.values() for loss in losses]
+        await asyncio.gather(*steps, return_exceptions=True)
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
-
-
-def _record(losses: Losses, order: Order, worker: actors.RemoteWorker, loss: actors.PointerTensor) -> None:
-    mine = losses.setdefault(worker, [])
-    order.append((worker, len(mine)))  # the visiting order, for the mean
-    mine.append(loss)
-
-
-def _mean_loss(losses: Losses, order: Order) -> Coroutine[Any, Any, float]:
-    """Each worker stacks its own losses and one small tensor per worker comes back; the mean
-    is taken in visiting order, so it is the very float plain PyTorch computes. The requests
-    leave now, right behind the epoch's steps; the awaitable gives the mean."""
-    workers = list(losses)
-    stacks = [torch.stack(losses[worker]).get() for worker in workers]
-    for stack in stacks:  # the first failure is raised below; the others are the same story
-        stack.add_done_callback(_retrieve)
-
-    async def mean() -> float:
-        by_worker = dict(zip(workers, await asyncio.gather(*stacks), strict=True))
-        return float(torch.stack([by_worker[worker][i] for worker, i in order]).detach().mean())
-
-    return mean()
 
 
 async def train_fedavg(

@@ -615,9 +615,10 @@ async def test_models_the_fused_walk_cannot_take_fall_back_or_are_refused() -> N
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "op-by-op"])
-async def test_a_step_that_fails_stops_the_walk_with_the_workers_error(recwarn, fused) -> None:
+async def test_a_step_that_fails_stops_the_walk_with_the_workers_error(recwarn, caplog, fused) -> None:
     """The leader runs an epoch ahead; a failed step still surfaces as the worker's error, with
-    nothing left behind (no loss never awaited, no object left on the workers)."""
+    nothing left behind: no mean never awaited, no failure never retrieved (every later step
+    fails alike), no object left on the workers."""
     x, y = _toy(32)
     shards = [(x[:16].clone(), y[:16].view(-1).clone()), (x[16:].clone(), y[16:].view(-1).clone())]
     async with holding("virtual", shards) as workers:
@@ -630,3 +631,4 @@ async def test_a_step_that_fails_stops_the_walk_with_the_workers_error(recwarn, 
         gc.collect()
         await asyncio.sleep(0.01)
     assert not [w for w in recwarn if "never awaited" in str(w.message)]
+    assert "never retrieved" not in caplog.text
