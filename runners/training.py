@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -163,6 +164,10 @@ async def _epochs(epochs: int, epoch_steps: Callable[[int], _Epoch], progress: P
     return history
 
 
+#: Seconds a failed walk waits for its other steps' answers before raising its error.
+HEAR_OUT_TIMEOUT = 2.0
+
+
 class _Epoch:
     """One epoch's steps, sent: their loss pointers per worker, in visiting order."""
 
@@ -189,10 +194,14 @@ class _Epoch:
         by_worker = dict(zip(self.losses, await asyncio.gather(*self._stacks), strict=True))
         return float(torch.stack([by_worker[worker][i] for worker, i in self.order]).detach().mean())
 
-    async def hear_out(self) -> None:
-        """Wait for every step's answer, failures included, and take them as retrieved."""
+    async def hear_out(self, timeout: float = HEAR_OUT_TIMEOUT) -> None:
+        """Wait for every step's answer, failures included, and take them as retrieved; not
+        longer than ``timeout`` (a step waiting for a model from a dead worker would answer
+        only when its wait runs out, and the walk's error must not wait for that)."""
         steps = [loss.resolve() for losses in self.losses.values() for loss in losses]
-        await asyncio.gather(*steps, return_exceptions=True)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*steps, return_exceptions=True)
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

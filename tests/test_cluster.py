@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -21,6 +22,8 @@ import actors
 from protocol import ObjectNotFound, WorkerLost
 from runners import local_cluster
 from runners.cluster import start_processes, stop_processes
+from runners.federated import FederatedDataLoader, FederatedDataset, Federation
+from runners.training import DEFAULTS, make_model, train_walk
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -145,3 +148,22 @@ async def test_launch_stops_every_worker(how):
     assert await _wait_gone(tag) == []
     for address in addresses.values():
         assert _port_is_free(address)
+
+
+async def test_a_worker_killed_mid_walk_ends_the_walk_with_worker_lost_promptly():
+    """The surviving worker waits for a model that will never come (up to its expect timeout,
+    a minute); the leader must not: it raises as soon as the dead worker's link drops."""
+    tag = uuid.uuid4().hex[:8]
+    ids = [f"erin-{tag}", f"frank-{tag}"]
+    federation = Federation("boston", 2, "round-robin", 0, 8)
+    async with local_cluster(ids, transport="tcp", federation=federation) as cluster:
+        dataset = await FederatedDataset.from_workers(list(cluster), "boston")
+        settings = replace(DEFAULTS["boston"], epochs=1000)  # far longer than the test waits
+        walk = asyncio.create_task(train_walk(make_model(13), FederatedDataLoader(dataset, 8), settings))
+        await asyncio.sleep(0.5)
+        assert not walk.done()
+        cluster.processes[ids[1]].send_signal(signal.SIGKILL)
+        with pytest.raises(WorkerLost):
+            await asyncio.wait_for(walk, 15)
+        del dataset
+    assert await _wait_gone(tag) == []
