@@ -160,7 +160,7 @@ class _Stepper:
         transposed = {id(layer.weight) for layer in module if isinstance(layer, nn.Linear)}
         self.numel = sum(shape.numel() for shape in shapes)
         self.buffer = torch.zeros(self.numel, dtype=torch.float32)
-        self.leaves = []
+        self.leaves: list[torch.Tensor] = []
         chunks = self.buffer.split([s.numel() for s in shapes])
         for chunk, shape, p in zip(chunks, shapes, module.parameters(), strict=True):
             view = chunk.view(shape)
