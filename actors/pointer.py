@@ -113,25 +113,12 @@ class ObjectPointer:
         on that worker until it has arrived.
         """
         self._check_live()
-        source = self.location
-        if source is not destination:  # one object: the general case's grouping, without it
+        if self.location is not destination:  # one object: the general case's grouping, without it
             new_id = new_object_id()
-            there, here = destination.connection, source.connection
+            there = destination.connection
             there.tell(Expect(there.next_id(), there.local_id, [new_id], ""))
-            here.tell(Forward(here.next_id(), here.local_id, [self.id], destination.id,
-                              destination.address, [new_id]))  # fmt: skip
-            self._moved(destination, new_id)
+            _forward([self], [new_id], destination)
         return self
-
-    def _moved(self, destination: RemoteWorker, new_id: int) -> None:
-        """Follow the object to its new place. A failure reported for it travels along, and so
-        does the duty to report it."""
-        failure = self.location.connection.take_failure(self.id)
-        if failure is not None:
-            destination.connection._failures[new_id] = failure
-        self.location = destination
-        self.id = new_id
-        self._wire = None
 
 
 def move_pointers(pointers: list[ObjectPointer], destination: RemoteWorker) -> None:
@@ -147,13 +134,23 @@ def move_pointers(pointers: list[ObjectPointer], destination: RemoteWorker) -> N
     new_ids = {id(p): new_object_id() for _, group in by_source.values() for p in group}
     there = destination.connection
     there.tell(Expect(there.next_id(), there.local_id, list(new_ids.values()), ""))
-    for source, group in by_source.values():
-        here = source.connection
-        fresh = [new_ids[id(p)] for p in group]
-        here.tell(Forward(here.next_id(), here.local_id, [p.id for p in group], destination.id,
-                          destination.address, fresh))  # fmt: skip
-        for pointer, new_id in zip(group, fresh, strict=True):
-            pointer._moved(destination, new_id)
+    for _, group in by_source.values():
+        _forward(group, [new_ids[id(p)] for p in group], destination)
+
+
+def _forward(pointers: list[ObjectPointer], new_ids: list[int], destination: RemoteWorker) -> None:
+    """One FORWARD from the pointers' common worker to ``destination``; each pointer follows its
+    object. A failure reported for an object travels along, and so does the duty to report it."""
+    here, there = pointers[0].location.connection, destination.connection
+    here.tell(Forward(here.next_id(), here.local_id, [p.id for p in pointers], destination.id,
+                      destination.address, new_ids))  # fmt: skip
+    for pointer, new_id in zip(pointers, new_ids, strict=True):
+        failure = here.take_failure(pointer.id)
+        if failure is not None:
+            there._failures[new_id] = failure
+        pointer.location = destination
+        pointer.id = new_id
+        pointer._wire = None
 
 
 def call(

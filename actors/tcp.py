@@ -26,7 +26,6 @@ from actors.log import get_logger
 from actors.transport import DialingTransport, FlowControl, register_dialer
 from actors.worker import Session, Worker
 from protocol import (
-    DEFAULT_MAX_FRAME,
     PROTOCOL_VERSION,
     AuthenticationFailed,
     FrameTooLarge,
@@ -174,16 +173,7 @@ def _read_hello(frame: Buffer) -> dict[str, Any]:
 class TcpTransport(DialingTransport):
     """Client end of a TCP link."""
 
-    def __init__(
-        self,
-        address: str,
-        local_id: str,
-        *,
-        token: str | None = None,
-        max_frame_size: int = DEFAULT_MAX_FRAME,
-    ) -> None:
-        super().__init__(address, local_id, token=token, max_frame_size=max_frame_size)
-        self._stream: FrameStream | None = None
+    _stream: FrameStream | None = None
 
     async def _run(self) -> None:
         host, port = split_address(self.address, "tcp")

@@ -14,7 +14,7 @@ import collections
 from collections.abc import Callable
 from typing import Protocol
 
-from protocol import FrameTooLarge, WorkerLost
+from protocol import DEFAULT_MAX_FRAME, FrameTooLarge, WorkerLost
 from protocol.codec import Buffer
 
 FrameHandler = Callable[[Buffer], None]
@@ -92,7 +92,14 @@ class DialingTransport(Transport):
     deliver frames until the link ends) and close what they opened in :meth:`_closed`.
     """
 
-    def __init__(self, address: str, local_id: str, *, token: str | None = None, max_frame_size: int) -> None:
+    def __init__(
+        self,
+        address: str,
+        local_id: str,
+        *,
+        token: str | None = None,
+        max_frame_size: int = DEFAULT_MAX_FRAME,
+    ) -> None:
         self.address = address
         self.local_id = local_id
         self.token = token

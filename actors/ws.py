@@ -20,7 +20,7 @@ from actors.auth import token_matches
 from actors.log import get_logger
 from actors.transport import DialingTransport, FlowControl, register_dialer
 from actors.worker import Worker
-from protocol import DEFAULT_MAX_FRAME, AuthenticationFailed, WorkerLost
+from protocol import AuthenticationFailed, WorkerLost
 from protocol.codec import Buffer
 
 ID_HEADER = "X-Aiosyft-Id"
@@ -183,17 +183,8 @@ async def serve_ws(worker: Worker, host: str, port: int) -> tuple[web.AppRunner,
 class WebSocketTransport(DialingTransport):
     """Client end of a WebSocket link."""
 
-    def __init__(
-        self,
-        address: str,
-        local_id: str,
-        *,
-        token: str | None = None,
-        max_frame_size: int = DEFAULT_MAX_FRAME,
-    ) -> None:
-        super().__init__(address, local_id, token=token, max_frame_size=max_frame_size)
-        self._session: aiohttp.ClientSession | None = None
-        self._outbox: _Outbox | None = None
+    _session: aiohttp.ClientSession | None = None
+    _outbox: _Outbox | None = None
 
     async def _run(self) -> None:
         headers = {ID_HEADER: self.local_id}
