@@ -338,6 +338,32 @@ async def test_walk_training_equals_plain_pytorch(transport, fused) -> None:
     )
 
 
+class _Watched(FederatedDataLoader):
+    """Records when each epoch's batches are drawn, that is when its steps are sent."""
+
+    def __init__(self, *args: Any, events: list[str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.events = events
+
+    def epoch_rows(self, epoch: int) -> Any:
+        self.events.append(f"send {epoch + 1}")
+        return super().epoch_rows(epoch)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "op-by-op"])
+async def test_the_walk_sends_each_epoch_before_awaiting_the_previous_loss(fused) -> None:
+    x, y = _toy(32)
+    events: list[str] = []
+    shards = _shards(x, y, split_indices(32, 2, "round-robin", batch_size=8))
+    async with holding("virtual", shards) as workers:
+        dataset = await FederatedDataset.from_workers(workers, TOY)
+        loader = _Watched(dataset, 8, events=events)
+        await train_walk(make_model(3, (4,)), loader, Settings(epochs=3, hidden=(4,)),
+                         lambda epoch, _: events.append(f"loss {epoch}"), fused=fused)  # fmt: skip
+        del dataset, loader
+    assert events == ["send 1", "send 2", "loss 1", "send 3", "loss 2", "loss 3"]
+
+
 @pytest.mark.parametrize("shuffle", [True, False])
 async def test_walk_training_with_three_uneven_shards_equals_plain_pytorch(transport, shuffle) -> None:
     x, y = _toy(40, seed=8)

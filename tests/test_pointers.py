@@ -759,8 +759,13 @@ async def test_announced_objects_that_never_come_run_out_one_deadline_each(make_
     connection.tell(Expect(connection.next_id(), connection.local_id, [first, second], "nobody"))
     loop = asyncio.get_running_loop()
     start = loop.time()
+    waiting = PointerTensor(carol, first) * 2
+    if transport == "virtual":  # the worker is in this process: watch it wait
+        await asyncio.sleep(0.02)
+        assert carol.worker._spinning is (spin > 0) and len(carol.worker._deadlines) == 1
     with pytest.raises(WorkerLost, match="did not arrive"):
-        await (PointerTensor(carol, first) * 2)
+        await waiting
+    del waiting
     first_failed = loop.time() - start
     with pytest.raises(WorkerLost, match="did not arrive"):
         await (PointerTensor(carol, second) + 1)
