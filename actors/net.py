@@ -7,15 +7,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 from aiohttp import web
 
-from actors.auth import resolve_token
 from actors.connection import Connection
+from actors.identity import IDENTITY_ENV, SECRET_ENV
 from actors.remote import RemoteWorker
 from actors.tcp import TcpTransport, serve_tcp
-from actors.transport import Transport
+from actors.transport import Transport, dial
 from actors.worker import Worker
 from actors.ws import WebSocketTransport, serve_ws
 from protocol import DEFAULT_MAX_FRAME, Codec
@@ -59,27 +60,34 @@ async def serve(worker: Worker, transport: str, host: str = "127.0.0.1", port: i
 async def connect(
     address: str,
     *,
-    token: str | None = None,
-    local_id: str = "me",
+    identity: str | None = None,
+    secret: str | None = None,
     max_frame_size: int = DEFAULT_MAX_FRAME,
     timeout: float = 10.0,
     reply_timeout: float | None = None,
 ) -> RemoteWorker:
-    """Connect to the worker at ``ws://host:port`` or ``tcp://host:port``.
+    """Connect to the worker at ``ws://host:port``, ``tcp://host:port`` or ``virtual://id``,
+    authenticating as ``identity`` with ``secret`` (default: ``$AIOSYFT_IDENTITY``, else
+    ``"me"``, and ``$AIOSYFT_SECRET``).
 
-    Returns once the worker has answered, so a wrong token (:class:`AuthenticationFailed`) or an
+    Returns once the worker has answered, so wrong credentials (:class:`AuthenticationFailed`) or an
     unreachable address (:class:`WorkerLost`) surfaces here, not at the first operation.
     ``timeout`` bounds the connection; ``reply_timeout`` (off by default: a remote job may
     legitimately run long) declares the worker lost when any answer takes longer than that.
     """
-    token = resolve_token(token)
+    local_id = identity if identity is not None else os.environ.get(IDENTITY_ENV) or "me"
+    secret = secret if secret is not None else os.environ.get(SECRET_ENV) or None
     transport: Transport
     if address.startswith("ws://"):
-        transport = WebSocketTransport(address, local_id, token=token, max_frame_size=max_frame_size)
+        transport = WebSocketTransport(address, local_id, secret=secret, max_frame_size=max_frame_size)
     elif address.startswith("tcp://"):
-        transport = TcpTransport(address, local_id, token=token, max_frame_size=max_frame_size)
+        transport = TcpTransport(address, local_id, secret=secret, max_frame_size=max_frame_size)
+    elif address.startswith("virtual://"):
+        transport = dial(address, local_id, secret=secret)
     else:
-        raise ValueError(f"cannot connect to {address!r}: use ws://host:port or tcp://host:port")
+        raise ValueError(
+            f"cannot connect to {address!r}: use ws://host:port, tcp://host:port or virtual://id"
+        )
     connection = Connection(local_id, address, transport, Codec(max_frame_size), reply_timeout=reply_timeout)
     worker = RemoteWorker(address, connection)
     try:

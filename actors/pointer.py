@@ -116,14 +116,14 @@ class ObjectPointer:
         if self.location is not destination:  # one object: the general case's grouping, without it
             new_id = new_object_id()
             there = destination.connection
-            there.tell(Expect(there.next_id(), there.local_id, [new_id], ""))
+            there.tell(Expect(there.next_id(), there.local_id, [new_id], self.location.id))
             _forward([self], [new_id], destination)
         return self
 
 
 def move_pointers(pointers: list[ObjectPointer], destination: RemoteWorker) -> None:
     """Move several objects to ``destination`` with one EXPECT there and one FORWARD per source
-    worker; each pointer is updated in place to follow its object."""
+    worker (an EXPECT names the one worker that may deliver); each pointer follows its object."""
     by_source: dict[int, tuple[RemoteWorker, list[ObjectPointer]]] = {}
     for pointer in pointers:
         pointer._check_live()
@@ -131,11 +131,11 @@ def move_pointers(pointers: list[ObjectPointer], destination: RemoteWorker) -> N
             by_source.setdefault(id(pointer.location), (pointer.location, []))[1].append(pointer)
     if not by_source:
         return
-    new_ids = {id(p): new_object_id() for _, group in by_source.values() for p in group}
     there = destination.connection
-    there.tell(Expect(there.next_id(), there.local_id, list(new_ids.values()), ""))
-    for _, group in by_source.values():
-        _forward(group, [new_ids[id(p)] for p in group], destination)
+    for source, group in by_source.values():
+        new_ids = [new_object_id() for _ in group]
+        there.tell(Expect(there.next_id(), there.local_id, new_ids, source.id))
+        _forward(group, new_ids, destination)
 
 
 def _forward(pointers: list[ObjectPointer], new_ids: list[int], destination: RemoteWorker) -> None:

@@ -1,11 +1,21 @@
-"""The object store a worker keeps: values by id, who owns each, and what is still on its way."""
+"""The object store a worker keeps: values by id, who owns each, and their labels.
+
+Labels live beside the values, sparsely: most objects carry none, and the hot path pays one
+truth test (``if store.labels``) when no object on the worker is labelled at all. Two more
+tables keep labels honest where Python values alias one another:
+
+* ``grad_labels``: what flowed into an object's gradient (written by ``backward``), kept apart
+  from the object's own label so that an optimizer step can tell gradients from data copied in;
+* ``groups``: objects sharing storage (a view, ``.data``, an operation that returns its input),
+  so that writing into one labels all of them. A group is one set shared by its members.
+"""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
+from actors.policy import EMPTY, Label
 from protocol import ObjectNotFound, WireError
 
 
@@ -21,32 +31,20 @@ class Failure:
         return f"Failure({self.error!r})"
 
 
-class Awaiting(Exception):
-    """Raised by a lookup of an object that is announced but has not arrived yet."""
-
-    def __init__(self, obj_id: int) -> None:
-        super().__init__(obj_id)
-        self.obj_id = obj_id
-
-
 _MISSING: Any = object()
 
 
 class ObjectStore:
-    """Objects by id, their owners, and who waits for the objects announced by EXPECT.
+    """Objects by id, their owners and labels, and which of them share storage."""
 
-    Owners are recorded for every object so that per-object permissions (the owner decides what
-    leaves a worker) can be enforced here later without touching the handlers. An announced
-    object maps to the futures of the sessions waiting for it; ``put`` resolves them itself, so
-    a waiting session resumes on the next turn of the loop (a walking model waits once a step).
-    """
-
-    __slots__ = ("objects", "owners", "arrivals")
+    __slots__ = ("objects", "owners", "labels", "grad_labels", "groups")
 
     def __init__(self) -> None:
         self.objects: dict[int, Any] = {}
         self.owners: dict[int, str] = {}
-        self.arrivals: dict[int, list[asyncio.Future[bool]]] = {}
+        self.labels: dict[int, Label] = {}
+        self.grad_labels: dict[int, Label] = {}
+        self.groups: dict[int, set[int]] = {}
 
     def __len__(self) -> int:
         return len(self.objects)
@@ -54,60 +52,89 @@ class ObjectStore:
     def __contains__(self, obj_id: int) -> bool:
         return obj_id in self.objects
 
-    def put(self, obj_id: int, value: Any, owner: str) -> None:
+    def put(self, obj_id: int, value: Any, owner: str, label: Label = EMPTY) -> None:
+        """Store (or replace) an object; a replaced object leaves its storage group."""
+        if obj_id in self.groups:
+            self._ungroup(obj_id)
+        self.grad_labels.pop(obj_id, None)
         self.objects[obj_id] = value
         self.owners[obj_id] = owner
-        if self.arrivals:
-            _wake(self.arrivals.pop(obj_id, ()))
+        if label:
+            self.labels[obj_id] = label
+        elif self.labels:
+            self.labels.pop(obj_id, None)
 
     def get(self, obj_id: int) -> Any:
-        """The value (possibly a :class:`Failure`); :class:`Awaiting` if it is still coming."""
+        """The value (possibly a :class:`Failure`); ObjectNotFound if there is none."""
         value = self.objects.get(obj_id, _MISSING)
         if value is _MISSING:
-            raise self.missing(obj_id)
+            raise ObjectNotFound(f"object {obj_id!r} not found")
         return value
 
-    def missing(self, obj_id: Any) -> Exception:
-        """The exception for a lookup that found nothing: wait for it, or it does not exist."""
-        if obj_id in self.arrivals:
-            return Awaiting(obj_id)
-        return ObjectNotFound(f"object {obj_id!r} not found")
+    def drop(self, obj_id: int) -> bool:
+        """Forget one object entirely; False if there was none."""
+        if self.objects.pop(obj_id, _MISSING) is _MISSING:
+            return False
+        self.owners.pop(obj_id, None)
+        if self.labels:
+            self.labels.pop(obj_id, None)
+        if self.grad_labels:
+            self.grad_labels.pop(obj_id, None)
+        if obj_id in self.groups:
+            self._ungroup(obj_id)
+        return True
 
-    def delete(self, obj_ids: Iterable[int], requester: str) -> None:
-        """Drop objects; one owned by someone other than ``requester`` only loses that
-        reference, so a peer's dropped pointer never deletes a worker's own data."""
-        objects, owners = self.objects, self.owners
+    def label(self, obj_id: int) -> Label:
+        return self.labels.get(obj_id, EMPTY) if self.labels else EMPTY
+
+    def leaving_label(self, obj_id: int) -> Label:
+        """What leaves with the object: its gradient travels with a tensor."""
+        label = self.label(obj_id)
+        grad = self.grad_labels.get(obj_id) if self.grad_labels else None
+        return label | grad if grad else label
+
+    # -- storage groups ---------------------------------------------------------------------
+    def members(self, obj_id: int) -> Iterable[int]:
+        group = self.groups.get(obj_id)
+        return group if group is not None else (obj_id,)
+
+    def alias(self, obj_ids: Iterable[int]) -> None:
+        """Record that these objects share storage."""
+        merged: set[int] = set()
         for obj_id in obj_ids:
-            if owners.get(obj_id, requester) != requester:
-                continue
-            if objects.pop(obj_id, _MISSING) is not _MISSING:
-                owners.pop(obj_id, None)
-            else:  # announced and dropped before it came: its waiters retry and find nothing
-                _wake(self.arrivals.pop(obj_id, ()))
+            if obj_id in self.objects:
+                merged |= self.groups.get(obj_id, {obj_id})
+        if len(merged) > 1:
+            for obj_id in merged:
+                self.groups[obj_id] = merged
 
-    def expect(self, obj_id: int) -> None:
-        if obj_id not in self.objects and obj_id not in self.arrivals:
-            self.arrivals[obj_id] = []
+    def grow(self, obj_id: int, label: Label) -> None:
+        """Add ``label`` to the object and to everything sharing its storage."""
+        if not label:
+            return
+        labels = self.labels
+        for member in self.members(obj_id):
+            if member in self.objects:
+                old = labels.get(member)
+                labels[member] = old | label if old else label
 
-    def wait(self, obj_id: int) -> asyncio.Future[bool] | None:
-        """A future resolved (True) when the announced ``obj_id`` arrives or is dropped;
-        ``None`` if it is no longer awaited. Resolve it with False to give up waiting."""
-        waiters = self.arrivals.get(obj_id)
-        if waiters is None:
-            return None
-        waiter = asyncio.get_running_loop().create_future()
-        waiters.append(waiter)
-        return waiter
+    def grow_grad(self, obj_id: int, label: Label) -> None:
+        if label:
+            old = self.grad_labels.get(obj_id)
+            self.grad_labels[obj_id] = old | label if old else label
+
+    def _ungroup(self, obj_id: int) -> None:
+        group = self.groups.pop(obj_id)
+        group.discard(obj_id)
+        if len(group) == 1:
+            self.groups.pop(next(iter(group)), None)
+
+    def ids_owned_by(self, owner: str) -> Iterator[int]:
+        return (obj_id for obj_id, o in self.owners.items() if o == owner)
 
     def clear(self) -> None:
         self.objects.clear()
         self.owners.clear()
-        for waiters in self.arrivals.values():
-            _wake(waiters)
-        self.arrivals.clear()
-
-
-def _wake(waiters: Iterable[asyncio.Future[bool]]) -> None:
-    for waiter in waiters:
-        if not waiter.done():
-            waiter.set_result(True)
+        self.labels.clear()
+        self.grad_labels.clear()
+        self.groups.clear()

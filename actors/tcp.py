@@ -5,9 +5,10 @@ Record: ``length u32 (little endian) | frame``. Small frames are written with th
 64 MiB tensor is received without being copied again and decodes as a view of that buffer.
 
 The first record each way is a handshake, not a protocol message: the client sends
-``{"aiosyft": version, "id": its worker id, "token": secret}``, the worker answers
+``{"aiosyft": version, "id": its identity, "secret": its secret}``, the worker answers
 ``{"ok": true, "id": ...}`` or ``{"ok": false, "error": ...}`` and closes. A session is opened only
-after the token matched, so nothing from an unauthenticated peer is ever decoded as a message.
+after the secret proved the identity, so nothing from an unauthenticated peer is ever decoded as a
+message, and that identity is the sender of everything on the link.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from urllib.parse import urlsplit
 
 import msgpack
 
-from actors.auth import token_matches
 from actors.log import get_logger
 from actors.transport import DialingTransport, FlowControl, register_dialer
 from actors.worker import Session, Worker
@@ -187,7 +187,9 @@ class TcpTransport(DialingTransport):
                 answer.done()
                 or answer.set_exception(WorkerLost(f"{self.address} closed during the handshake"))
             )
-            stream.send(_hello({"aiosyft": PROTOCOL_VERSION, "id": self.local_id, "token": self.token or ""}))
+            stream.send(
+                _hello({"aiosyft": PROTOCOL_VERSION, "id": self.local_id, "secret": self.secret or ""})
+            )
             hello = _read_hello(await asyncio.wait_for(answer, _HANDSHAKE_TIMEOUT))
             if not hello.get("ok"):
                 stream.abort(AuthenticationFailed("refused"))
@@ -207,7 +209,7 @@ class TcpTransport(DialingTransport):
             self._stream.transport.close()
 
 
-register_dialer("tcp", lambda address, local_id, *, token: TcpTransport(address, local_id, token=token))
+register_dialer("tcp", lambda address, local_id, *, secret: TcpTransport(address, local_id, secret=secret))
 
 
 class _ServerSide:
@@ -233,14 +235,14 @@ class _ServerSide:
             hello = _read_hello(frame)
             if hello.get("aiosyft") != PROTOCOL_VERSION:
                 raise ProtocolError(f"protocol version {hello.get('aiosyft')!r}, expected {PROTOCOL_VERSION}")
-            if not token_matches(self.worker.token, hello.get("token")):
-                raise AuthenticationFailed("missing or wrong token")
+            if not self.worker.authenticate(hello.get("id"), hello.get("secret")):
+                raise AuthenticationFailed(f"missing or wrong credentials for {str(hello.get('id'))[:64]!r}")
         except (ProtocolError, AuthenticationFailed) as exc:
             self.log.warning("connection refused", peer=str(peer), reason=str(exc))
             self.stream.send(_hello({"ok": False, "error": str(exc)}))
             self.stream.transport.close() if self.stream.transport else None
             return
-        peer_id = str(hello.get("id", "anonymous"))
+        peer_id = str(hello["id"])
         self.stream.send(_hello({"ok": True, "id": self.worker.id}))
         session = self.worker.open_session(peer_id, self.stream.send)
         session.flow = self.stream.flow

@@ -97,12 +97,13 @@ class DialingTransport(Transport):
         address: str,
         local_id: str,
         *,
-        token: str | None = None,
+        secret: str | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME,
     ) -> None:
         self.address = address
+        #: The identity this end authenticates as, and its secret.
         self.local_id = local_id
-        self.token = token
+        self.secret = secret
         self.max_frame_size = max_frame_size
         self._sink: Sink | None = None
         self._waiting: collections.deque[Buffer] = collections.deque()
@@ -162,19 +163,19 @@ class DialingTransport(Transport):
 
 
 class Dialer(Protocol):
-    def __call__(self, address: str, local_id: str, *, token: str | None) -> Transport: ...
+    def __call__(self, address: str, local_id: str, *, secret: str | None) -> Transport: ...
 
 
 _DIALERS: dict[str, Dialer] = {}
 
 
 def register_dialer(scheme: str, dialer: Dialer) -> None:
-    """Make ``dial`` reach addresses ``scheme://...`` with ``dialer(address, local_id, token=)``."""
+    """Make ``dial`` reach addresses ``scheme://...`` with ``dialer(address, local_id, secret=)``."""
     _DIALERS[scheme] = dialer
 
 
-def dial(address: str, local_id: str, *, token: str | None = None) -> Transport:
-    """A transport to the worker at ``address``, speaking as ``local_id``.
+def dial(address: str, local_id: str, *, secret: str | None = None) -> Transport:
+    """A transport to the worker at ``address``, authenticating as ``local_id`` with ``secret``.
 
     It is returned at once and connects in the background; frames written meanwhile wait.
     """
@@ -182,4 +183,4 @@ def dial(address: str, local_id: str, *, token: str | None = None) -> Transport:
     dialer = _DIALERS.get(scheme) if sep else None
     if dialer is None:
         raise ValueError(f"no transport for address {address!r} (known: {sorted(_DIALERS)})")
-    return dialer(address, local_id, token=token)
+    return dialer(address, local_id, secret=secret)

@@ -16,7 +16,7 @@ from actors.connection import Connection
 from actors.remote import RemoteWorker
 from actors.transport import FrameHandler, LossHandler, Transport, register_dialer
 from actors.worker import Session, Worker
-from protocol import WorkerLost
+from protocol import AuthenticationFailed, WorkerLost
 from protocol.codec import Buffer
 
 _WORKERS: weakref.WeakValueDictionary[str, Worker] = weakref.WeakValueDictionary()
@@ -29,7 +29,10 @@ class VirtualTransport(Transport):
     task feeds into the mailbox as the worker catches up, and ``drain`` waits for that pump.
     """
 
-    def __init__(self, worker: Worker, local_id: str) -> None:
+    def __init__(self, worker: Worker, local_id: str, secret: str | None = None) -> None:
+        if not worker.authenticate(local_id, secret):
+            worker.log.warning("connection refused", peer=local_id, reason="missing or wrong secret")
+            raise AuthenticationFailed(f"{worker.id} refused the credentials of {local_id!r}")
         self.worker = worker
         self.local_id = local_id
         self.address = worker.address
@@ -79,12 +82,12 @@ class VirtualTransport(Transport):
             self._session.close()
 
 
-def _dial_virtual(address: str, local_id: str, *, token: str | None = None) -> Transport:
+def _dial_virtual(address: str, local_id: str, *, secret: str | None = None) -> Transport:
     worker_id = address.removeprefix("virtual://")
     worker = _WORKERS.get(worker_id)
     if worker is None:
         raise WorkerLost(f"no virtual worker {worker_id!r} in this process")
-    return VirtualTransport(worker, local_id)
+    return VirtualTransport(worker, local_id, secret)
 
 
 register_dialer("virtual", _dial_virtual)
@@ -94,16 +97,20 @@ class VirtualWorker(RemoteWorker):
     """A worker living in this process, used exactly like a network worker.
 
     Create it inside a running event loop; ``await worker.close()`` (or ``async with``) stops it.
-    ``worker.worker`` is the actor itself, for inspection in tests.
+    ``worker.worker`` is the actor itself, for inspection in tests. This handle connects as
+    ``local_id`` (with ``local_secret`` when the worker has credentials); others connect with
+    ``actors.connect("virtual://<id>", identity=..., secret=...)``, each link its own identity.
     """
 
-    def __init__(self, worker_id: str, *, local_id: str = "me", **options: Any) -> None:
+    def __init__(
+        self, worker_id: str, *, local_id: str = "me", local_secret: str | None = None, **options: Any
+    ) -> None:
         existing = _WORKERS.get(worker_id)
         if existing is not None and existing.sessions:
             raise ValueError(f"a virtual worker {worker_id!r} is already running in this process")
         self.worker = Worker(worker_id, **options)
         _WORKERS[worker_id] = self.worker
-        transport = VirtualTransport(self.worker, local_id)
+        transport = VirtualTransport(self.worker, local_id, local_secret)
         super().__init__(worker_id, Connection(local_id, worker_id, transport))
 
     async def close(self) -> None:

@@ -1,22 +1,22 @@
 """Workers over WebSocket (aiohttp): one binary WebSocket message per frame.
 
-``GET /ws`` upgrades to the protocol once the ``Authorization: Bearer <token>`` header matched
-(checked before the upgrade, so an unauthenticated peer never gets to send a message);
-``X-Aiosyft-Id`` names the sender. ``GET /health`` answers the worker's id, objects held, uptime
-and protocol version, for launchers and load balancers.
+``GET /ws`` upgrades once ``Authorization: Bearer <secret>`` proved the identity ``X-Aiosyft-Id``
+names (checked before the upgrade, so an unauthenticated peer never gets to send a message); that
+identity is then the sender of everything on the link. ``GET /health`` answers the worker's id,
+objects held, uptime and protocol version, for launchers and load balancers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 from collections.abc import Coroutine
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from actors.auth import token_matches
 from actors.log import get_logger
 from actors.transport import DialingTransport, FlowControl, register_dialer
 from actors.worker import Worker
@@ -31,10 +31,11 @@ class _Outbox:
     """Frames to send on one WebSocket, in order, started at once.
 
     ``send_bytes`` is a coroutine while the worker's and the connection's ``send`` are not. It
-    only suspends when the socket is full, so the outbox steps it right away and finishes it
-    from the awaited future's callback if it does suspend: a frame leaves in the same turn of the
-    event loop, with no writer task to wake (one loop iteration less per message each way).
-    Frames sent meanwhile queue; the flow pauses while more than ``limit`` bytes wait.
+    only suspends when the socket is full, so the outbox steps it right away (``coro.send(None)``)
+    and hands the rest of the write to a task only if it does suspend: a frame leaves in the same
+    turn of the event loop, with no writer task to wake (one loop iteration less per message each
+    way). Frames sent meanwhile queue and that task writes them too; the flow pauses while more
+    than ``limit`` bytes wait.
     """
 
     def __init__(
@@ -46,6 +47,7 @@ class _Outbox:
         self._frames: collections.deque[Buffer] = collections.deque()
         self._bytes = 0
         self._writing: Coroutine[Any, Any, None] | None = None
+        self._finisher: asyncio.Task[None] | None = None
         self._closed: BaseException | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -59,51 +61,58 @@ class _Outbox:
             if self._bytes > self.limit:
                 self.flow.pause()
             return
-        self._start(frame)
-
-    def _start(self, frame: Buffer) -> None:
-        while True:
-            self._writing = self.ws.send_bytes(frame)
-            self._idle.clear()
-            if not self._advance():
-                return  # suspended: _resume takes over
-            if not self._frames:
-                break
-            frame = self._frames.popleft()
-            self._bytes -= len(frame)
-        self._writing = None
-        self._idle.set()
-        if self.flow.paused:
-            self.flow.resume()
-
-    def _advance(self) -> bool:
-        """Step the write; True once it is done, False while it waits for the socket."""
-        assert self._writing is not None
+        self._idle.clear()
+        self._writing = writing = self.ws.send_bytes(frame)
         try:
-            blocker = self._writing.send(None)
+            blocker = writing.send(None)
         except StopIteration:
-            return True
-        except Exception as exc:
-            self.close(WorkerLost(f"websocket write failed: {exc}"))
-            return False
-        if blocker is None:  # a bare yield: try again next turn
-            asyncio.get_running_loop().call_soon(self._resume)
-        else:
-            blocker._asyncio_future_blocking = False  # as a Task would, before waiting on it
-            blocker.add_done_callback(self._resume)
-        return False
-
-    def _resume(self, *_: Any) -> None:
-        if self._closed is not None or not self._advance():
-            return
-        if self._frames:
-            frame = self._frames.popleft()
-            self._bytes -= len(frame)
-            self._start(frame)
-        else:
             self._writing = None
             self._idle.set()
-            self.flow.resume()
+            return
+        except Exception as exc:
+            self.close(WorkerLost(f"websocket write failed: {exc}"))
+            return
+        self._finisher = asyncio.get_running_loop().create_task(self._finish(blocker))
+
+    async def _finish(self, blocker: Any) -> None:
+        """Finish the suspended write, then write the frames queued meanwhile, in order."""
+        try:
+            while True:
+                writing = self._writing
+                assert writing is not None
+                while True:
+                    if blocker is None:  # a bare yield: try again next turn
+                        await asyncio.sleep(0)
+                    else:
+                        # Shielded: aiohttp shares its drain future among writers, and close()
+                        # cancelling this task must not cancel it under them.
+                        with contextlib.suppress(Exception):  # the write raises it when stepped on
+                            await asyncio.shield(blocker)
+                    try:
+                        blocker = writing.send(None)
+                    except StopIteration:
+                        break
+                while True:  # start the queued frames until one suspends, or none is left
+                    if not self._frames:
+                        self._writing = self._finisher = None
+                        self._idle.set()
+                        self.flow.resume()
+                        return
+                    frame = self._frames.popleft()
+                    self._bytes -= len(frame)
+                    self._writing = self.ws.send_bytes(frame)
+                    try:
+                        blocker = self._writing.send(None)
+                    except StopIteration:
+                        continue
+                    break
+        except asyncio.CancelledError:
+            self._finisher = None
+            self.close(WorkerLost("websocket write cancelled"))
+            raise
+        except Exception as exc:
+            self._finisher = None
+            self.close(WorkerLost(f"websocket write failed: {exc}"))
 
     async def flushed(self) -> None:
         """Wait until every queued frame has been handed to the socket."""
@@ -116,6 +125,9 @@ class _Outbox:
             if self._writing is not None:
                 self._writing.close()
                 self._writing = None
+            if self._finisher is not None:
+                self._finisher.cancel()
+                self._finisher = None
             self._frames.clear()
             self._idle.set()
             self.flow.fail(exc)
@@ -135,10 +147,12 @@ def make_app(worker: Worker) -> web.Application:
         return web.json_response(worker.status())
 
     async def protocol(request: web.Request) -> web.StreamResponse:
-        if not token_matches(worker.token, _bearer(request)):
-            log.warning("connection refused", peer=str(request.remote), reason="missing or wrong token")
-            return web.Response(status=401, text="missing or wrong token")
-        peer_id = request.headers.get(ID_HEADER, "anonymous")
+        peer_id = request.headers.get(ID_HEADER, "")
+        if not worker.authenticate(peer_id, _bearer(request)):
+            log.warning(
+                "connection refused", peer=str(request.remote), identity=peer_id, reason="wrong credentials"
+            )
+            return web.Response(status=401, text="missing or wrong credentials")
         ws = web.WebSocketResponse(max_msg_size=max_frame_size, compress=False)
         await ws.prepare(request)
         outbox = _Outbox(ws)
@@ -174,9 +188,7 @@ async def serve_ws(worker: Worker, host: str, port: int) -> tuple[web.AppRunner,
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    server = site._server
-    assert server is not None
-    bound = server.sockets[0].getsockname()  # type: ignore[union-attr]
+    bound = runner.addresses[0]  # the first socket's, should the host resolve to several
     return runner, f"ws://{host}:{bound[1]}"
 
 
@@ -188,8 +200,8 @@ class WebSocketTransport(DialingTransport):
 
     async def _run(self) -> None:
         headers = {ID_HEADER: self.local_id}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
+        if self.secret:
+            headers["Authorization"] = f"Bearer {self.secret}"
         self._session = aiohttp.ClientSession()
         try:
             ws = await self._session.ws_connect(
@@ -202,7 +214,7 @@ class WebSocketTransport(DialingTransport):
         except aiohttp.WSServerHandshakeError as exc:
             refused = exc.status == 401
             self._fail(
-                AuthenticationFailed(f"{self.address} refused the token")
+                AuthenticationFailed(f"{self.address} refused the credentials of {self.local_id!r}")
                 if refused
                 else WorkerLost(f"cannot reach {self.address}: {exc}")
             )
@@ -239,4 +251,6 @@ class WebSocketTransport(DialingTransport):
             await self._session.close()
 
 
-register_dialer("ws", lambda address, local_id, *, token: WebSocketTransport(address, local_id, token=token))
+register_dialer(
+    "ws", lambda address, local_id, *, secret: WebSocketTransport(address, local_id, secret=secret)
+)

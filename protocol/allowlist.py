@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the name everyone reads
 
 from protocol.errors import BadArguments, CommandNotAllowed
-from protocol.modules import fit, sgd_step
 
 # Functions that exist both as ``torch.<name>`` and as ``Tensor.<name>``.
 _MATH = """
@@ -95,10 +94,20 @@ def _tensor_attribute(name: str) -> Callable[[Any], Any]:
     return read
 
 
+def _grad(tensor: Any) -> Any:
+    """A copy of the gradient: a pointer to the live one would let later writes through it
+    change what an optimizer step uses without the worker seeing which data went in."""
+    if not isinstance(tensor, torch.Tensor):
+        raise BadArguments(f"Tensor.grad needs a tensor, got {type(tensor).__name__}")
+    grad = tensor.grad
+    return None if grad is None else grad.detach().clone()
+
+
 def _set_grad(tensor: Any, grad: Any) -> None:
+    """Sets a copy, for the reason :func:`_grad` gives."""
     if not isinstance(tensor, torch.Tensor):
         raise BadArguments(f"Tensor.set_grad needs a tensor, got {type(tensor).__name__}")
-    tensor.grad = grad
+    tensor.grad = grad.detach().clone() if isinstance(grad, torch.Tensor) else grad
 
 
 def _optimizer_constructor(cls: type[torch.optim.Optimizer]) -> Callable[..., Any]:
@@ -165,6 +174,7 @@ def _build() -> tuple[dict[str, Callable[..., Any]], dict[Any, str]]:
         names[fn] = f"F.{name}"
     for name in TENSOR_ATTRIBUTES:
         commands[f"Tensor.{name}"] = _tensor_attribute(name)
+    commands["Tensor.grad"] = _grad
     commands["Tensor.set_grad"] = _set_grad
     for name in _OPTIMIZERS:
         cls = getattr(torch.optim, name)
@@ -174,8 +184,6 @@ def _build() -> tuple[dict[str, Callable[..., Any]], dict[Any, str]]:
     commands["Optimizer.zero_grad"] = _optimizer_zero_grad
     commands["optim.sgd_step"] = _sgd_step
     commands["optim.zero_grad"] = _zero_grad
-    commands["nn.fit"] = fit
-    commands["nn.sgd_step"] = sgd_step
     commands["nn.utils.clip_grad_norm_"] = torch.nn.utils.clip_grad_norm_
     commands["getitem"] = operator.getitem
     return commands, names
@@ -183,8 +191,36 @@ def _build() -> tuple[dict[str, Callable[..., Any]], dict[Any, str]]:
 
 #: Wire name -> the callable a worker runs for it.
 COMMANDS, _NAME_OF = _build()
-#: Commands that are whole jobs: a worker runs them off its event loop and keeps serving.
-JOBS = frozenset({"nn.fit"})
+
+# What the operations do besides computing a result, for the worker's labels (actors.policy).
+#: Write into their first argument (and ``out=``, for any operation).
+INPLACE = frozenset(
+    op
+    for op in COMMANDS
+    if op.startswith("Tensor.")
+    and (
+        (op.endswith("_") and not op.endswith("__"))
+        or op.startswith("Tensor.__i")
+        or op in ("Tensor.__setitem__", "Tensor.retain_grad")
+    )
+    and op not in ("Tensor.__invert__", "Tensor.__int__")
+)
+#: Write into arguments other than the first: the positions (running statistics, a renormalized
+#: embedding table). ``F`` functions called with ``inplace=True`` write into their first.
+MUTATES = {"F.batch_norm": (1, 2), "F.instance_norm": (1, 2), "F.embedding": (1,)}
+#: Return an object sharing storage with an argument without being a view of it.
+ALIASING = frozenset({"Tensor.data", "Tensor.detach", "torch.detach"})
+#: Results whose shape depends on the values of their inputs (a count of nonzeros, of uniques):
+#: even the shape of such a result computed from private data is private.
+SHAPE_DEPENDENT = frozenset(
+    f"{prefix}.{name}"
+    for prefix in ("torch", "Tensor")
+    for name in ("nonzero", "unique", "masked_select", "repeat_interleave", "tensor_split")
+) | {"F.one_hot"}
+#: Read or write the gradients of the parameters they are given.
+GRAD_READERS = frozenset({"Tensor.grad", "Optimizer.step", "optim.sgd_step", "nn.utils.clip_grad_norm_"})
+#: Drop the gradients of the parameters they are given.
+GRAD_CLEARERS = frozenset({"optim.zero_grad", "Optimizer.zero_grad"})
 
 
 def lookup(op: object) -> Callable[..., Any]:

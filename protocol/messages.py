@@ -12,8 +12,14 @@ Objects a worker holds on its own behalf (its data, published under a name) have
 from the name (:func:`published_id`), in a range random ids never take, so a leader can point at
 a worker's dataset without asking for it.
 
+Who sent a message is the identity its connection authenticated, never what the message says:
+the ``sender`` field must equal that identity or the message is refused, and a field naming
+another identity (a STORE's ``owner``) is believed only where that identity announced it.
+
 Version history:
     1 - STORE, COMMAND, GET, DELETE, FORWARD, EXPECT, PING, REPLY, ERROR.
+    2 - STORE carries the object's label; FLOW carries a protocol's messages between parties;
+        EXPECT names the worker the objects come from.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import hashlib
 from enum import IntEnum
 from typing import Any, NamedTuple
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 #: Random object ids lie in [1, 2**62]; published ones in (2**62, 2**63).
 RANDOM_ID_LIMIT = 1 << 62
@@ -44,6 +50,7 @@ class Kind(IntEnum):
     PING = 7
     REPLY = 8
     ERROR = 9
+    FLOW = 10
 
 
 class GetMode(IntEnum):
@@ -55,13 +62,17 @@ class GetMode(IntEnum):
 
 
 class Store(NamedTuple):
-    """Store ``obj`` under ``obj_id``. ``owner`` is who controls it (``None``: the sender)."""
+    """Store ``obj`` under ``obj_id``. ``owner`` is who controls it (``None``: the sender); a
+    worker forwarding an object names the identity that asked for the move, which the receiver
+    believes only for ids that identity announced (EXPECT) from this sender. ``label`` lists the
+    object's taints as ``[source, form, audience]`` triples (see :mod:`actors.policy`)."""
 
     msg_id: int
     sender: str
     obj_id: int
     obj: Any
     owner: str | None = None
+    label: list[Any] | None = None
 
 
 class Command(NamedTuple):
@@ -116,10 +127,10 @@ class Forward(NamedTuple):
 
 
 class Expect(NamedTuple):
-    """Announce that ``obj_ids`` will arrive from worker ``source``.
+    """Announce that ``obj_ids`` will arrive from worker ``source``, owned by the sender.
 
-    Commands from this sender that use one of them wait for it (and only this sender's commands
-    wait, preserving its order), instead of failing with a missing object.
+    Commands that use one of them wait for it (only those: everything else keeps flowing),
+    instead of failing with a missing object. Only ``source`` may deliver them.
     """
 
     msg_id: int
@@ -157,7 +168,20 @@ class Error(NamedTuple):
     failed_id: int | None = None
 
 
-Message = Store | Command | Get | Delete | Forward | Expect | Ping | Reply | Error
+class Flow(NamedTuple):
+    """One message of a protocol run between workers (a flow): ``value`` for the flow
+    ``flow_id`` under ``tag``. The receiving worker hands it to that flow's ``recv(sender,
+    tag)``; ``label`` is the value's label, as in STORE."""
+
+    msg_id: int
+    sender: str
+    flow_id: int
+    tag: str
+    value: Any
+    label: list[Any] | None = None
+
+
+Message = Store | Command | Get | Delete | Forward | Expect | Ping | Reply | Error | Flow
 
 CLASS_OF_KIND: dict[int, type[Any]] = {
     Kind.STORE: Store,
@@ -169,5 +193,6 @@ CLASS_OF_KIND: dict[int, type[Any]] = {
     Kind.PING: Ping,
     Kind.REPLY: Reply,
     Kind.ERROR: Error,
+    Kind.FLOW: Flow,
 }
 KIND_OF_CLASS: dict[type[Any], int] = {cls: int(kind) for kind, cls in CLASS_OF_KIND.items()}

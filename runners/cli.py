@@ -7,9 +7,11 @@ import asyncio
 import logging
 from pathlib import Path
 
+import privacy  # noqa: F401 - registers the federated command set
 from actors import log
-from actors.auth import TOKEN_ENV
+from actors.identity import CREDENTIALS_ENV, Credentials
 from actors.net import TRANSPORTS
+from actors.registry import command_sets
 from runners.bench import bench_pointers, bench_transport, format_pointers, format_transport, write_json
 from runners.cluster import SPIN, launch, run_worker
 from runners.datasets import DATA_ENV, SOURCES
@@ -17,6 +19,27 @@ from runners.demo import demo
 from runners.experiments import TRANSPORTS as EXPERIMENT_TRANSPORTS
 from runners.experiments import settings_from, table1, train_command, use_data_dir
 from runners.federated import SPLITS, Federation
+
+#: What ``aiosyft worker`` serves by default beside the torch allowlist: federated training.
+DEFAULT_SETS = ("train",)
+
+
+def _sets(option: str | None) -> list[str] | None:
+    """``--enable a,b``; every named set must have been registered by a loaded package."""
+    if option is None:
+        return None
+    sets = [name.strip() for name in option.split(",") if name.strip()]
+    unknown = set(sets) - command_sets()
+    if unknown:
+        raise SystemExit(f"aiosyft: unknown command set(s) {', '.join(sorted(unknown))}; "
+                         f"known: {', '.join(sorted(command_sets()))}")  # fmt: skip
+    return sets
+
+
+def _credentials(path: str | None) -> Credentials | None:
+    if path is not None:
+        return Credentials.load(path)
+    return None  # the environment's, if any (see runners.cluster.run_worker)
 
 
 def _data_dir_option(parser: argparse.ArgumentParser) -> None:
@@ -32,10 +55,18 @@ def _parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser("worker", help="run one worker (the way to span machines)")
     worker.add_argument("--id", required=True, help="the worker's id")
+    # A cluster secret is read from the environment only ($AIOSYFT_CLUSTER_SECRET), never an option.
     worker.add_argument("--transport", choices=TRANSPORTS, default="ws")
     worker.add_argument("--host", default="127.0.0.1")
     worker.add_argument("--port", type=int, default=8777, help="0 picks a free port")
-    worker.add_argument("--token", help=f"shared secret (default: ${TOKEN_ENV}; none: accept anyone)")
+    worker.add_argument(
+        "--credentials",
+        help=f"file of identities and secret hashes to check peers against (default: ${CREDENTIALS_ENV})",
+    )
+    worker.add_argument(
+        "--enable", default=",".join(DEFAULT_SETS),
+        help="command sets to serve beside the torch allowlist (default: %(default)s)",
+    )  # fmt: skip
     worker.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     worker.add_argument(
         "--spin-us", type=float, default=SPIN * 1e6,
@@ -74,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("--transport", choices=TRANSPORTS, default="ws")
     launch.add_argument("--host", default="127.0.0.1")
     launch.add_argument("--port", type=int, default=8777, help="first port; the next workers count up")
-    launch.add_argument("--token", help=f"shared secret (default: ${TOKEN_ENV}, else a fresh one)")
+    launch.add_argument("--enable", help="command sets the workers serve (default: each worker's default)")
 
     bench = commands.add_parser("bench", help="benchmarks, each beside its reference")
     suites = bench.add_subparsers(dest="suite", required=True)
@@ -106,10 +137,11 @@ def main(argv: list[str] | None = None) -> None:
                 args.transport,
                 args.host,
                 args.port,
-                token=args.token,
+                credentials=_credentials(args.credentials),
                 threads=args.threads,
                 data=data,
                 spin=args.spin_us / 1e6,
+                enable=_sets(args.enable),
             )
         )
     elif args.command == "train":
@@ -121,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(table1(args.repeats, args.json, args.png))
     elif args.command == "launch":
         ids = [name.strip() for name in args.workers.split(",") if name.strip()]
-        asyncio.run(launch(ids, args.transport, args.host, args.port, args.token))
+        asyncio.run(launch(ids, args.transport, args.host, args.port, _sets(args.enable)))
     elif args.command == "bench" and args.suite == "pointers":
         result = asyncio.run(bench_pointers(args.repeats))
         print(format_pointers(result))

@@ -1,7 +1,10 @@
 """Worker processes on this machine: one ``aiosyft worker`` each, supervised by their launcher.
 
 A child prints ``READY <address>`` once it is warmed up and serving; the launcher waits for every
-child's line, then connects (the connection's ping is the health check). Children watch their
+child's line, then connects (the connection's ping is the health check). The launcher provisions
+identities: a fresh secret for each worker and for the leader (``me``), a credentials file of
+their hashes that every worker checks connections against, and each child's own secret in its
+environment (never on a command line, where ``ps`` shows it). Children watch their
 standard input, which the launcher holds open: when the launcher goes away by any means, even
 SIGKILL, each child sees end-of-file and stops, so no worker outlives it.
 """
@@ -12,18 +15,30 @@ import asyncio
 import contextlib
 import gc
 import os
-import secrets
 import signal
 import sys
-from collections.abc import AsyncIterator, Iterator
+import tempfile
+from collections.abc import AsyncIterator, Iterable, Iterator
+from pathlib import Path
 
 import torch
 
 import actors
-from actors.auth import TOKEN_ENV, resolve_token
+from actors.identity import (
+    CREDENTIALS_ENV,
+    IDENTITY_ENV,
+    SECRET_ENV,
+    Credentials,
+    from_environment,
+    new_secret,
+)
 from actors.log import get_logger
+from privacy.federated import publish_shard
 from runners.datasets import load
-from runners.federated import Federation, publish_shard
+from runners.federated import Federation
+
+#: The identity a launcher's own process (the leader) connects as.
+LEADER = "me"
 
 READY = "READY"
 _START_TIMEOUT = 60.0
@@ -58,25 +73,34 @@ async def run_worker(
     host: str,
     port: int,
     *,
-    token: str | None,
+    credentials: Credentials | None = None,
+    secret: str | None = None,
     threads: int = 1,
     data: tuple[Federation, int, str | None] | None = None,
     spin: float = SPIN,
+    enable: Iterable[str] | None = None,
 ) -> None:
     """Serve one worker until SIGTERM, SIGINT or end of standard input (the launcher is gone).
 
+    Credentials and the worker's own secret default to what the environment holds (a
+    launcher's children); with none, any peer may claim any identity (a warning says so).
     With ``data`` = (federation, shard, data directory) the worker first loads the dataset and
-    publishes its shard as its own data. ``spin``: see :attr:`actors.Worker.spin`.
+    publishes its shard as its own data, releasing model updates. ``spin``: see
+    :meth:`actors.Worker.note_waiting`; ``enable``: the command sets it serves.
     """
     warm_up(threads)
-    token = resolve_token(token)
-    worker = actors.Worker(worker_id, token=token, spin=spin)
+    env_credentials, env_secret = from_environment()
+    credentials = credentials or env_credentials
+    secret = secret or env_secret
+    worker = actors.Worker(worker_id, credentials=credentials, secret=secret, spin=spin, enable=enable)
     if data is not None:
         federation, shard, directory = data
         x, y = federation.shards(load(federation.dataset, directory, seed=federation.seed))[shard]
         publish_shard(worker, federation.dataset, x, y)
     server = await actors.serve(worker, transport, host, port)
     log = get_logger(worker=worker_id)
+    if credentials is None:
+        log.warning("no credentials: any peer may claim any identity", address=server.address)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -108,7 +132,9 @@ class Cluster:
         self.workers: list[actors.RemoteWorker] = []
         self.processes: dict[str, asyncio.subprocess.Process] = {}
         self.addresses: dict[str, str] = {}
-        self.token: str | None = None
+        #: The leader's own secret (identity :data:`LEADER`), and where the credentials live.
+        self.secret: str | None = None
+        self.directory: tempfile.TemporaryDirectory[str] | None = None
 
     def __iter__(self) -> Iterator[actors.RemoteWorker]:
         return iter(self.workers)
@@ -131,23 +157,32 @@ async def start_processes(
     *,
     host: str = "127.0.0.1",
     port: int = 0,
-    token: str | None = None,
     threads: int = 1,
     federation: Federation | None = None,
+    enable: Iterable[str] | None = None,
 ) -> Cluster:
     """Start one worker process per id (ports from ``port`` up, or free ports with 0); with a
     ``federation``, worker k loads and holds shard k of its dataset."""
     cluster = Cluster()
-    cluster.token = resolve_token(token) or secrets.token_urlsafe(24)
-    env = {**os.environ, TOKEN_ENV: cluster.token}  # never on a command line, where ps shows it
+    if LEADER in ids:
+        raise ValueError(f"{LEADER!r} is the leader's identity; name the workers otherwise")
+    secrets_by_id = {identity: new_secret() for identity in [LEADER, *ids]}
+    cluster.secret = secrets_by_id[LEADER]
+    cluster.directory = tempfile.TemporaryDirectory(prefix="aiosyft-")
+    credentials = Path(cluster.directory.name) / "credentials"
+    Credentials.write(credentials, secrets_by_id)
     try:
         for index, worker_id in enumerate(ids):
+            env = {**os.environ, CREDENTIALS_ENV: str(credentials), IDENTITY_ENV: worker_id,
+                   SECRET_ENV: secrets_by_id[worker_id]}  # fmt: skip
             worker_port = port + index if port else 0
             command = [sys.executable, "-m", "runners.cli", "worker", "--id", worker_id,
                        "--transport", transport, "--host", host, "--port", str(worker_port),
                        "--threads", str(threads)]  # fmt: skip
             if federation is not None:
                 command += federation.worker_arguments(index)
+            if enable is not None:
+                command += ["--enable", ",".join(enable)]
             cluster.processes[worker_id] = await asyncio.create_subprocess_exec(
                 *command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env
             )
@@ -181,6 +216,9 @@ async def stop_processes(cluster: Cluster) -> None:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             await process.wait()
+    if cluster.directory is not None:
+        cluster.directory.cleanup()
+        cluster.directory = None
 
 
 @contextlib.asynccontextmanager
@@ -190,20 +228,21 @@ async def local_cluster(
     *,
     host: str = "127.0.0.1",
     port: int = 0,
-    token: str | None = None,
     threads: int = 1,
     federation: Federation | None = None,
+    enable: Iterable[str] | None = None,
 ) -> AsyncIterator[Cluster]:
     """Worker processes on this machine, connected: ``async with local_cluster([...]) as c``.
 
     Leaving the block closes the connections and stops every process; none is left behind.
     """
     cluster = await start_processes(
-        ids, transport, host=host, port=port, token=token, threads=threads, federation=federation
+        ids, transport, host=host, port=port, threads=threads, federation=federation, enable=enable
     )
     try:
         for worker_id in ids:
-            cluster.workers.append(await actors.connect(cluster.addresses[worker_id], token=cluster.token))
+            address = cluster.addresses[worker_id]
+            cluster.workers.append(await actors.connect(address, identity=LEADER, secret=cluster.secret))
         yield cluster
     finally:
         for worker in cluster.workers:
@@ -211,18 +250,25 @@ async def local_cluster(
         await stop_processes(cluster)
 
 
-async def launch(ids: list[str], transport: str, host: str, port: int, token: str | None) -> None:
-    """``aiosyft launch``: start the workers, print where they are, stop them all on a signal."""
+async def launch(
+    ids: list[str], transport: str, host: str, port: int, enable: Iterable[str] | None = None
+) -> None:
+    """``aiosyft launch``: start the workers, print where they are and where the leader's
+    secret is, stop them all on a signal."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    cluster = await start_processes(ids, transport, host=host, port=port, token=token)
+    cluster = await start_processes(ids, transport, host=host, port=port, enable=enable)
     try:
         for worker_id, address in cluster.addresses.items():
             print(f"{worker_id} {address}", flush=True)
-        if token is None and os.environ.get(TOKEN_ENV) is None:
-            print(f"token (set {TOKEN_ENV} to connect): {cluster.token}", flush=True)
+        assert cluster.directory is not None and cluster.secret is not None
+        secret_file = Path(cluster.directory.name) / f"{LEADER}.secret"
+        fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write(cluster.secret + "\n")
+        print(f"connect as {IDENTITY_ENV}={LEADER} with {SECRET_ENV} from {secret_file}", flush=True)
         print("ready; Ctrl-C stops every worker", flush=True)
         waiters = [asyncio.ensure_future(stop.wait())]
         waiters += [asyncio.ensure_future(p.wait()) for p in cluster.processes.values()]

@@ -15,9 +15,17 @@ from typing import Any
 import pytest
 
 import actors
+from actors.identity import Credentials, derive_secret
 
 TRANSPORTS = ["virtual", "ws", "tcp"]
-TOKEN = "test-secret"
+#: Every test worker checks identities against secrets derived from this; the leader is "me".
+CLUSTER = "test-cluster-secret"
+CREDENTIALS = Credentials.derived(CLUSTER)
+
+
+def secret_of(identity: str) -> str:
+    return derive_secret(CLUSTER, identity)
+
 
 MakeWorker = Callable[[str], Awaitable[actors.RemoteWorker]]
 
@@ -45,12 +53,15 @@ async def make_worker(transport: str) -> AsyncIterator[MakeWorker]:
 
     async def make(worker_id: str, **options: Any) -> actors.RemoteWorker:
         """A worker over the test's transport; network ones are served in this process."""
+        options = {"credentials": CREDENTIALS, "secret": secret_of(worker_id), **options}
         if transport == "virtual":
-            worker: actors.RemoteWorker = actors.VirtualWorker(worker_id, **options)
+            worker: actors.RemoteWorker = actors.VirtualWorker(
+                worker_id, local_secret=secret_of("me"), **options
+            )
         else:
-            server = await actors.serve(actors.Worker(worker_id, token=TOKEN, **options), transport)
+            server = await actors.serve(actors.Worker(worker_id, **options), transport)
             servers.append(server)
-            worker = await actors.connect(server.address, token=TOKEN)
+            worker = await actors.connect(server.address, identity="me", secret=secret_of("me"))
         made.append(worker)
         return worker
 

@@ -6,7 +6,6 @@ These start real processes (each imports torch), so they are few and each does a
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
 import sys
@@ -19,11 +18,12 @@ import pytest
 import torch
 
 import actors
+from privacy.federated import FederatedDataLoader, FederatedDataset, make_model, train_walk
 from protocol import ObjectNotFound, WorkerLost
 from runners import local_cluster
 from runners.cluster import start_processes, stop_processes
-from runners.federated import FederatedDataLoader, FederatedDataset, Federation
-from runners.training import DEFAULTS, make_model, train_walk
+from runners.experiments import DEFAULTS
+from runners.federated import Federation
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,15 +89,15 @@ async def test_reconnect_after_a_restart_leaves_old_pointers_invalid():
     cluster = await start_processes([f"dora-{tag}"], "tcp")
     try:
         address = cluster.addresses[f"dora-{tag}"]
-        worker = await actors.connect(address, token=cluster.token)
+        worker = await actors.connect(address, identity="me", secret=cluster.secret)
         old = actors.send(torch.ones(2), worker)
         await old
         await stop_processes(cluster)
         with pytest.raises(WorkerLost):
             await asyncio.wait_for(old.get(), 10)
         port = int(address.rsplit(":", 1)[1])
-        cluster = await start_processes([f"dora-{tag}"], "tcp", port=port, token=cluster.token)
-        again = await actors.connect(address, token=cluster.token)
+        cluster = await start_processes([f"dora-{tag}"], "tcp", port=port)
+        again = await actors.connect(address, identity="me", secret=cluster.secret)
         assert torch.equal(await (actors.send(torch.ones(2), again) + 1).get(), torch.full((2,), 2.0))
         # The restarted worker lost everything: naming an old object there finds nothing.
         with pytest.raises(ObjectNotFound):
@@ -110,35 +110,39 @@ async def test_reconnect_after_a_restart_leaves_old_pointers_invalid():
     assert await _wait_gone(tag) == []
 
 
-async def _launch(ids: list[str], transport: str) -> tuple[asyncio.subprocess.Process, dict[str, str]]:
+async def _launch(ids: list[str], transport: str) -> tuple[asyncio.subprocess.Process, dict[str, str], str]:
+    """The launcher, the addresses it printed, and the leader's secret from the file it named."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "runners.cli", "launch", "--workers", ",".join(ids),
-        "--transport", transport, "--port", "0",
-        stdout=asyncio.subprocess.PIPE, cwd=ROOT,
-        env={**os.environ, "AIOSYFT_TOKEN": "launch-secret"},
+        "--transport", transport, "--port", "0", stdout=asyncio.subprocess.PIPE, cwd=ROOT,
     )  # fmt: skip
     assert process.stdout is not None
-    addresses = {}
+    addresses, secret = {}, ""
     async with asyncio.timeout(90):
         while (line := (await process.stdout.readline()).decode()) and not line.startswith("ready"):
             name, _, address = line.strip().partition(" ")
             if name in ids:
                 addresses[name] = address
+            elif line.startswith("connect as AIOSYFT_IDENTITY=me"):
+                secret_file = Path(line.split(" from ", 1)[1].strip())
+                assert secret_file.stat().st_mode & 0o077 == 0, "the secret file is readable by others"
+                secret = secret_file.read_text().strip()
     assert set(addresses) == set(ids), f"launcher printed {addresses}"
-    return process, addresses
+    assert secret and secret not in line, "the secret itself is never printed"
+    return process, addresses, secret
 
 
 @pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
 async def test_launch_stops_every_worker(how):
     tag = uuid.uuid4().hex[:8]
     ids = [f"erin-{tag}", f"fred-{tag}"]
-    launcher, addresses = await _launch(ids, "ws")
+    launcher, addresses, secret = await _launch(ids, "ws")
     assert len(_processes_named(tag)) == 2
     async with aiohttp.ClientSession() as session:
         for worker_id, address in addresses.items():
             async with session.get(address.replace("ws://", "http://") + "/health") as response:
                 assert (await response.json())["id"] == worker_id
-    worker = await actors.connect(addresses[ids[0]], token="launch-secret")
+    worker = await actors.connect(addresses[ids[0]], identity="me", secret=secret)
     assert torch.equal(await (actors.send(torch.ones(2), worker) * 5).get(), torch.full((2,), 5.0))
     await worker.close()
 

@@ -55,6 +55,7 @@ from protocol.messages import (
     Delete,
     Error,
     Expect,
+    Flow,
     Forward,
     Get,
     GetMode,
@@ -64,7 +65,7 @@ from protocol.messages import (
     Store,
 )
 
-MESSAGE_CLASSES = (Store, Command, Get, Delete, Forward, Expect, Ping, Reply, Error)
+MESSAGE_CLASSES = (Store, Command, Get, Delete, Forward, Expect, Ping, Reply, Error, Flow)
 FLOATING = [d for d in DTYPES if d.is_floating_point or d.is_complex]
 COMPLEX = [d for d in DTYPES if d.is_complex]
 
@@ -257,6 +258,8 @@ def _messages():
         Reply(13, "bob", 6, WireError("RuntimeError", "shape mismatch", "Traceback ...", 77)),
         Error(14, "bob", 5, "RuntimeError", "shape mismatch", "Traceback (most recent call last)", 77),
         Error(15, "bob", 0, "ObjectNotFound", "no object 0x5"),
+        Store(16, "bob", 6, x, "me", [["bob/boston", "update", ["me", "carol"]]]),
+        Flow(17, "bob", 2**61, "open/0", [x, x.sum()], [["bob/boston", "raw", None]]),
     ]
 
 
@@ -774,7 +777,7 @@ def test_empty_frame_has_no_messages():
     assert list(Codec().decode(craft())) == []
 
 
-@pytest.mark.parametrize("kind", [0, 10, 255, -1, 2**40, "store", None, 1.0, True, [1]])
+@pytest.mark.parametrize("kind", [0, 11, 255, -1, 2**40, "store", None, 1.0, True, [1]])
 def test_unknown_kind_is_yielded_and_the_rest_still_decodes(kind):
     data = struct.pack("<2f", 0.5, 8.0)
     frame = craft(

@@ -2,14 +2,17 @@
 what the leader receives, and the default settings on the real datasets.
 
 Training tests build their workers here (rather than through ``make_worker``) because each owner
-must publish its shard on the worker object itself, which a network handle does not reach. Every
-such test checks on the way out that the workers hold nothing but their published data.
+must publish its shard on the worker object itself, which a network handle does not reach. Each
+owner releases model updates only (:func:`~privacy.federated.publish_shard`'s default), as a
+federated learning owner does. Every such test checks on the way out that the workers hold
+nothing but their published data.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import gc
 import itertools
 from collections.abc import AsyncIterator
@@ -17,38 +20,35 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F  # noqa: N812
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import actors
 from actors.connection import Connection
 from actors.pointer import PointerTensor, call
-from protocol import Codec, PermissionDenied, RemoteError, Store, published_id
-from protocol.modules import fit, module_spec
-from runners.datasets import SOURCES, Dataset, data_dir, load
-from runners.experiments import federated_run, federated_workers, train_command
-from runners.federated import (
+from privacy.federated import (
     SPLITS,
     FederatedDataLoader,
     FederatedDataset,
-    Federation,
-    epoch_plan,
-    publish_shard,
-    shard_order,
-    split_indices,
-)
-from runners.training import (
-    DEFAULTS,
     Settings,
+    epoch_plan,
     fusable,
     make_model,
-    reference_fedavg,
+    publish_shard,
     reference_walk,
+    shard_order,
+    split_indices,
     train_fedavg,
     train_walk,
 )
+from protocol import Codec, PermissionDenied, RemoteError, Store, published_id
+from protocol.modules import module_spec
+from runners.datasets import SOURCES, Dataset, data_dir, load
+from runners.experiments import DEFAULTS, federated_run, federated_workers, train_command
+from runners.federated import Federation
+from tests.conftest import CREDENTIALS, secret_of
 
-TOKEN = "federated-secret"
 TOY = "toy"
 
 
@@ -92,16 +92,17 @@ async def holding(
     try:
         for k, (x, y) in enumerate(shards):
             worker_id = f"{prefix}{k}"
+            options = {"credentials": CREDENTIALS, "secret": secret_of(worker_id)}
             if transport == "virtual":
-                virtual = actors.VirtualWorker(worker_id)
+                virtual = actors.VirtualWorker(worker_id, local_secret=secret_of("me"), **options)
                 publish_shard(virtual.worker, TOY, x, y)
                 handles.append(virtual)
                 handles.actors.append(virtual.worker)
             else:
-                server = await actors.serve(actors.Worker(worker_id, token=TOKEN), transport)
+                server = await actors.serve(actors.Worker(worker_id, **options), transport)
                 servers.append(server)
                 publish_shard(server.worker, TOY, x, y)
-                handles.append(await actors.connect(server.address, token=TOKEN))
+                handles.append(await actors.connect(server.address, identity="me", secret=secret_of("me")))
                 handles.actors.append(server.worker)
         yield handles
         gc.collect()
@@ -375,31 +376,68 @@ async def test_walk_training_with_three_uneven_shards_equals_plain_pytorch(trans
 
 
 # -- FedAvg ----------------------------------------------------------------------------------
+def _plain_fedavg(
+    model: torch.nn.Module, shards: list[tuple[torch.Tensor, torch.Tensor]], options: Settings, rounds: int
+) -> list[float]:
+    """FedAvg written out in plain PyTorch, independently of the project's code: each round every
+    worker trains a copy of the model with ``torch.optim.SGD`` on shuffled mini-batches of its
+    shard (one generator per worker and round, seeded as the jobs are), then the copies' states
+    are averaged weighted by shard size into ``model``. Returns each round's weighted mean loss."""
+    total = sum(len(x) for x, _ in shards)
+    losses = []
+    for round_ in range(rounds):
+        states, mean_losses = [], []
+        for k, (x, y) in enumerate(shards):
+            local = copy.deepcopy(model)
+            optimizer = torch.optim.SGD(local.parameters(), lr=options.lr)
+            generator = torch.Generator().manual_seed(options.seed * 1_000_003 + round_ * 1_009 + k)
+            values = []
+            for _ in range(options.epochs):
+                for batch in torch.randperm(len(x), generator=generator).split(options.batch_size):
+                    optimizer.zero_grad()
+                    loss = F.mse_loss(local(x[batch]), y[batch])
+                    loss.backward()
+                    optimizer.step()
+                    values.append(loss.item())
+            states.append(local.state_dict())
+            mean_losses.append(sum(values) / len(values))
+        weights = [len(x) / total for x, _ in shards]
+        averaged = {
+            name: sum(w * state[name] for w, state in zip(weights, states, strict=True)) for name in states[0]
+        }
+        model.load_state_dict(averaged)
+        losses.append(sum(w * value for w, value in zip(weights, mean_losses, strict=True)))
+    return losses
+
+
+def _assert_same_state(trained: torch.nn.Module, reference: torch.nn.Module) -> None:
+    ours, theirs = trained.state_dict(), reference.state_dict()
+    assert list(ours) == list(theirs)
+    for name, value in theirs.items():
+        assert torch.equal(ours[name], value), (name, ours[name], value)
+
+
 async def test_fedavg_on_one_worker_is_local_training(transport) -> None:
     x, y = _toy(30)
     options = Settings(epochs=3, lr=0.05, batch_size=8, seed=0, hidden=(8,))
-    model = make_model(3, options.hidden, seed=2)
-    spec = module_spec(model)
-    state = [t.detach().clone() for t in model.state_dict().values()]
-    expected_state, expected_loss = fit(
-        spec, state, x, y, loss="mse", lr=0.05, epochs=3, batch_size=8, seed=0
-    )
-    two_rounds = make_model(3, options.hidden, seed=2)
+    model, two_rounds = make_model(3, options.hidden, seed=2), make_model(3, options.hidden, seed=2)
     async with holding(transport, [(x, y)]) as workers:
         dataset = await FederatedDataset.from_workers(workers, TOY)
         history = await train_fedavg(model, dataset, options, rounds=1)
         await train_fedavg(two_rounds, dataset, options, rounds=2)
         del dataset
-    for ours, theirs in zip(model.state_dict().values(), expected_state, strict=True):
-        assert torch.equal(ours, theirs)
-    assert history.epoch_loss == [expected_loss]
-    reference = make_model(3, options.hidden, seed=2)
-    reference_fedavg(reference, [(x, y)], options, rounds=2)
-    _assert_same_parameters(two_rounds, reference)
+    reference, reference_two = make_model(3, options.hidden, seed=2), make_model(3, options.hidden, seed=2)
+    expected_losses = _plain_fedavg(reference, [(x, y)], options, rounds=1)
+    _assert_same_state(model, reference)
+    assert history.epoch_loss == expected_losses
+    _plain_fedavg(reference_two, [(x, y)], options, rounds=2)
+    _assert_same_state(two_rounds, reference_two)
     assert _changed(two_rounds, model)
 
 
-async def test_fedavg_on_two_workers_equals_the_reference(transport) -> None:
+async def test_fedavg_on_two_workers_equals_plain_pytorch(transport) -> None:
+    """Uneven shards (25 and 15 rows): an unweighted average, or weights swapped between the
+    workers, would not give these weights."""
     x, y = _toy(40, seed=9)
     shards = [(x[:25].clone(), y[:25].clone()), (x[25:].clone(), y[25:].clone())]
     options = Settings(epochs=2, lr=0.05, batch_size=4, seed=4, hidden=(8,))
@@ -411,9 +449,10 @@ async def test_fedavg_on_two_workers_equals_the_reference(transport) -> None:
             model, dataset, options, rounds=3, progress=lambda r, _: rounds.append(r)
         )
         del dataset
-    reference_fedavg(reference, shards, options, rounds=3)
-    _assert_same_parameters(model, reference)
-    assert rounds == [1, 2, 3] and len(history.epoch_loss) == 3
+    expected_losses = _plain_fedavg(reference, shards, options, rounds=3)
+    _assert_same_state(model, reference)
+    assert history.epoch_loss == expected_losses
+    assert rounds == [1, 2, 3]
     assert _changed(model, make_model(3, options.hidden, seed=3))
 
 
@@ -431,9 +470,11 @@ async def test_a_fedavg_job_runs_while_the_worker_keeps_serving(transport) -> No
         for _ in range(1000):
             status = await asyncio.wait_for(worker.ping(), 10)
             assert status["id"] == "owner0"
-            # other commands are served meanwhile too, on the very data the job uses
-            total = await (worker.published(f"{TOY}/x").sum()).get()
-            assert torch.equal(total, x.sum())
+            # other commands are served meanwhile too, on the very data the job uses (the sum
+            # stays on the worker: only model updates leave it)
+            total = await worker.published(f"{TOY}/x").sum()
+            assert torch.equal(actor.store.objects[total.id], x.sum())
+            del total
             if job.id in actor.store:  # the job is done
                 break
             answered += 1  # both answers came while the job was still running
@@ -506,18 +547,59 @@ async def test_the_leader_never_receives_the_training_data(monkeypatch) -> None:
     _assert_same_parameters(model, reference)
 
 
+@pytest.mark.filterwarnings("ignore:size_average and reduce args will be deprecated")
+async def test_model_updates_let_training_losses_and_trained_parameters_leave_and_nothing_else() -> None:
+    """The release's label rules (``privacy.federated.releases``), step by step on a worker."""
+    x, y = _toy(16)
+    async with holding("virtual", [(x, y)]) as (owner,):
+        data_x, data_y = owner.published(f"{TOY}/x"), owner.published(f"{TOY}/y")
+        weight = actors.send(torch.zeros(3, 1, requires_grad=True), owner)
+        output = data_x @ weight  # a model's output: it requires grad
+        # what is not a training loss stays: an elementwise loss (either way of asking for one),
+        # the output itself, a loss of the data alone, a plain statistic of the data
+        kept = [
+            F.mse_loss(output, data_y, reduction="none"),
+            call(owner, "F.mse_loss", [output, data_y], {"reduce": False}),
+            data_x @ weight,
+            F.mse_loss(data_x[:, :1], data_y),
+            data_x.sum(),
+        ]
+        for value in kept:
+            with pytest.raises(PermissionDenied, match="form raw"):
+                await value.get()
+            owner.connection.release(value.id)  # a refused get leaves the object there
+        loss = F.l1_loss(output, data_y)
+        loss.backward()
+        call(owner, "optim.sgd_step", [[weight]], {"lr": 0.1})
+        # the training loss and the parameters a step changed with its gradients leave
+        assert torch.equal(await loss.get(), F.l1_loss(x @ torch.zeros(3, 1), y))
+        trained = await weight.get()
+        assert trained.shape == (3, 1) and not torch.equal(trained, torch.zeros(3, 1))
+        # data copied into a gradient is not a gradient: what a step writes with it stays
+        smuggled = actors.send(torch.zeros(3, 1, requires_grad=True), owner)
+        smuggled.grad = data_x[:3, :1]
+        call(owner, "optim.sgd_step", [[smuggled]], {"lr": -1.0})
+        call(owner, "optim.zero_grad", [[smuggled]])  # the parameter's own label is what keeps it
+        with pytest.raises(PermissionDenied, match="form raw"):
+            await smuggled.get()
+        owner.connection.release(smuggled.id)
+        del data_x, data_y, output, kept, value, loss
+
+
 async def test_a_workers_own_data_cannot_be_fetched_moved_or_deleted(transport) -> None:
     x, y = _toy(12)
-    async with holding(transport, [(x[:6], y[:6]), (x[6:], y[6:])]) as (bob, alice):
-        with pytest.raises(PermissionDenied, match=f"{bob.id}'s own data; it does not leave {bob.id}"):
+    refused = "its label does not let it leave"
+    async with holding(transport, [(x[:6], y[:6]), (x[6:], y[6:])]) as owners:
+        bob, alice = owners
+        with pytest.raises(PermissionDenied, match=f"on {bob.id}: .*{refused}.*releases model_updates"):
             await bob.published(f"{TOY}/x").get()
-        with pytest.raises(PermissionDenied, match="own data"):
+        with pytest.raises(PermissionDenied, match=refused):
             await bob.published(f"{TOY}/y").fetch()
         moved = bob.published(f"{TOY}/x").move(alice)
         assert moved.location is alice
-        with pytest.raises(PermissionDenied, match="own data"):
+        with pytest.raises(PermissionDenied, match=refused):
             await moved
-        with pytest.raises(PermissionDenied, match="own data"):
+        with pytest.raises(PermissionDenied, match=refused):
             await moved.get()
         # a dropped pointer, and even an explicit delete, leave the data where it is
         pointer = await bob.published(f"{TOY}/x")
@@ -529,9 +611,14 @@ async def test_a_workers_own_data_cannot_be_fetched_moved_or_deleted(transport) 
         await asyncio.sleep(0)
         assert (await bob.ping())["objects"] == 2
         assert (await alice.ping())["objects"] == 2
-        # and it is intact: computing on it where it is still works
-        assert torch.equal(await (bob.published(f"{TOY}/x") * 2).sum().get(), (x[:6] * 2).sum())
-        assert torch.equal(await (alice.published(f"{TOY}/y") + 0).sum().get(), y[6:].sum())
+        # and it is intact (looked at on the workers: it does not leave them), and computing on
+        # it where it is still works
+        for actor, (held_x, held_y) in zip(owners.actors, [(x[:6], y[:6]), (x[6:], y[6:])], strict=True):
+            assert torch.equal(actor.store.objects[published_id(f"{TOY}/x")], held_x)
+            assert torch.equal(actor.store.objects[published_id(f"{TOY}/y")], held_y)
+        doubled = await (bob.published(f"{TOY}/x") * 2).sum()
+        assert torch.equal(owners.actors[0].store.objects[doubled.id], (x[:6] * 2).sum())
+        del doubled
 
 
 async def test_shards_of_different_lengths_are_refused() -> None:
@@ -595,11 +682,11 @@ async def test_boston_over_worker_processes_gives_exactly_the_virtual_result() -
     async with federated_workers("ws", federation, data) as workers:
         assert [w.address.startswith("ws://") for w in workers] == [True, True]
         for worker, (x, y) in zip(workers, shards, strict=True):  # each process loaded its own shard
-            held = await worker.published("boston/x")
-            assert held.shape == x.shape
-            assert torch.equal(await held.sum(dim=0).get(), x.sum(dim=0))
-            assert torch.equal(await worker.published("boston/y").sum().get(), y.sum())
-            del held
+            # (its values stay there: the equal results below are what shows they are the same)
+            assert (await worker.published("boston/x")).shape == x.shape
+            assert (await worker.published("boston/y")).shape == y.shape
+            with pytest.raises(PermissionDenied):
+                await worker.published("boston/x").sum(dim=0).get()
         processes = await federated_run(workers, data, options, "walk")
     assert processes.metric == virtual.metric
     assert processes.losses == virtual.losses
@@ -612,8 +699,11 @@ async def test_boston_over_worker_processes_gives_exactly_the_virtual_result() -
 
 
 async def test_two_ws_workers_that_talked_to_each_other_stop_promptly() -> None:
-    servers = [await actors.serve(actors.Worker(name, token=TOKEN), "ws") for name in ("ping0", "pong0")]
-    a, b = [await actors.connect(server.address, token=TOKEN) for server in servers]
+    servers = [
+        await actors.serve(actors.Worker(name, credentials=CREDENTIALS, secret=secret_of(name)), "ws")
+        for name in ("ping0", "pong0")
+    ]
+    a, b = [await actors.connect(s.address, identity="me", secret=secret_of("me")) for s in servers]
     try:
         assert torch.equal(await actors.send(torch.ones(3), a).move(b).move(a).get(), torch.ones(3))
         await a.close()
@@ -644,13 +734,14 @@ async def test_models_the_fused_walk_cannot_take_fall_back_or_are_refused() -> N
 async def test_a_step_that_fails_stops_the_walk_with_the_workers_error(recwarn, caplog, fused) -> None:
     """The leader runs an epoch ahead; a failed step still surfaces as the worker's error, with
     nothing left behind: no mean never awaited, no failure never retrieved (every later step
-    fails alike), no object left on the workers."""
+    fails alike), no object left on the workers. The step ran on the owners' data, so the error
+    keeps its type but not its message (it could quote the data)."""
     x, y = _toy(32)
     shards = [(x[:16].clone(), y[:16].view(-1).clone()), (x[16:].clone(), y[16:].view(-1).clone())]
     async with holding("virtual", shards) as workers:
         dataset = await FederatedDataset.from_workers(workers, TOY)
         settings_ = Settings(epochs=3, loss="cross_entropy", hidden=(4,))  # float targets: not classes
-        with pytest.raises(RuntimeError, match="Long") as failure:
+        with pytest.raises(RuntimeError, match="details withheld") as failure:
             await train_walk(make_model(3, (4,)), FederatedDataLoader(dataset, 8), settings_, fused=fused)
         assert isinstance(failure.value, RemoteError)
         del dataset, failure

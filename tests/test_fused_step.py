@@ -13,8 +13,9 @@ from torch import nn
 
 import actors
 from actors.pointer import call
+from privacy.federated import LOSSES, flat_parameters, load_flat, sgd_step, spec_key
 from protocol import BadArguments
-from protocol.modules import LOSSES, flat_parameters, load_flat, module_spec, sgd_step, spec_key
+from protocol.modules import module_spec
 
 
 def _models() -> dict[str, tuple[nn.Sequential, torch.Tensor, torch.Tensor, str]]:

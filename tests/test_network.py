@@ -1,4 +1,4 @@
-"""What only network workers have: tokens, the health endpoint, frame limits, lost links."""
+"""What only network workers have: credentials on the wire, the health endpoint, frame limits, lost links."""
 
 from __future__ import annotations
 
@@ -9,18 +9,21 @@ import pytest
 import torch
 
 import actors
-from protocol import AuthenticationFailed, FrameTooLarge, WorkerLost
+from actors.identity import Credentials
+from protocol import PROTOCOL_VERSION, AuthenticationFailed, FrameTooLarge, WorkerLost
 
 NETWORK = ["ws", "tcp"]
+CREDENTIALS = Credentials.from_secrets({"me": "right", "mallory": "mallory's own"})
 
 
 @pytest.fixture
 async def served(request: pytest.FixtureRequest):
-    """A worker served in this process, with its token; closed after the test."""
+    """A worker served in this process, knowing the secrets of "me" and "mallory"; closed after
+    the test."""
     servers: list[actors.Server] = []
 
     async def serve(transport: str, **options) -> actors.Server:
-        server = await actors.serve(actors.Worker("bob", token="right", **options), transport)
+        server = await actors.serve(actors.Worker("bob", credentials=CREDENTIALS, **options), transport)
         servers.append(server)
         return server
 
@@ -30,21 +33,31 @@ async def served(request: pytest.FixtureRequest):
 
 
 @pytest.mark.parametrize("transport", NETWORK)
-@pytest.mark.parametrize("token", [None, "wrong", ""])
-async def test_missing_or_wrong_token_is_refused_before_any_message(served, transport, token):
+@pytest.mark.parametrize(
+    ("identity", "secret"),
+    [("me", None), ("me", "wrong"), ("me", ""), ("me", "mallory's own"), ("mallory", "right"), ("", "right")],
+)
+async def test_missing_or_wrong_secret_is_refused_before_any_message(
+    served, transport, identity, secret, caplog
+):
+    """Each identity has its own secret: another identity's secret proves nothing, and the
+    refusal names neither secret."""
     server = await served(transport)
-    with pytest.raises(AuthenticationFailed):
-        await actors.connect(server.address, token=token)
+    with pytest.raises(AuthenticationFailed) as refused:
+        await actors.connect(server.address, identity=identity, secret=secret)
     assert server.worker.sessions == set(), "a refused peer must not get a session"
-    good = await actors.connect(server.address, token="right")
+    for text in ("right", "mallory's own"):
+        assert text not in str(refused.value) and text not in caplog.text
+    good = await actors.connect(server.address, identity="me", secret="right")
     assert (await good.ping())["id"] == "bob"
     await good.close()
 
 
 @pytest.mark.parametrize("transport", NETWORK)
-async def test_token_from_environment(served, transport, monkeypatch):
+async def test_identity_and_secret_from_environment(served, transport, monkeypatch):
     server = await served(transport)
-    monkeypatch.setenv("AIOSYFT_TOKEN", "right")
+    monkeypatch.setenv("AIOSYFT_IDENTITY", "mallory")
+    monkeypatch.setenv("AIOSYFT_SECRET", "mallory's own")
     worker = await actors.connect(server.address)
     assert worker.id == "bob"
     await worker.close()
@@ -52,7 +65,7 @@ async def test_token_from_environment(served, transport, monkeypatch):
 
 async def test_health_endpoint(served):
     server = await served("ws")
-    worker = await actors.connect(server.address, token="right")
+    worker = await actors.connect(server.address, secret="right")
     pointer = actors.send(torch.ones(3), worker)
     await pointer
     async with (
@@ -63,7 +76,7 @@ async def test_health_endpoint(served):
         health = await response.json()
     assert health["id"] == "bob"
     assert health["objects"] == 1
-    assert health["version"] == 1
+    assert health["version"] == PROTOCOL_VERSION
     assert health["uptime"] > 0
     del pointer
     await worker.close()
@@ -73,17 +86,17 @@ async def test_health_endpoint(served):
 async def test_frames_over_the_limit_are_refused_on_both_sides(served, transport):
     server = await served(transport, max_frame_size=1 << 16)
     # The sender refuses what it knows is too large, before anything leaves.
-    small = await actors.connect(server.address, token="right", max_frame_size=1 << 16)
+    small = await actors.connect(server.address, secret="right", max_frame_size=1 << 16)
     with pytest.raises(FrameTooLarge):
         actors.send(torch.zeros(1 << 15), small)
     assert (await small.ping())["objects"] == 0, "the refused frame must not be half-sent"
     await small.close()
     # A sender with a larger limit gets its link closed by the worker, which keeps serving others.
-    big = await actors.connect(server.address, token="right", max_frame_size=1 << 20)
+    big = await actors.connect(server.address, secret="right", max_frame_size=1 << 20)
     pointer = actors.send(torch.zeros(1 << 15), big)
     with pytest.raises(WorkerLost):
         await pointer
-    other = await actors.connect(server.address, token="right")
+    other = await actors.connect(server.address, secret="right")
     assert torch.equal(await (actors.send(torch.ones(2), other) * 3).get(), torch.full((2,), 3.0))
     await other.close()
     await big.close()
@@ -92,7 +105,7 @@ async def test_frames_over_the_limit_are_refused_on_both_sides(served, transport
 @pytest.mark.parametrize("transport", NETWORK)
 async def test_worker_stopping_fails_pending_pointers_promptly(served, transport):
     server = await served(transport)
-    worker = await actors.connect(server.address, token="right")
+    worker = await actors.connect(server.address, secret="right")
     x = actors.send(torch.ones(2), worker)
     await x
     await server.close()
@@ -106,12 +119,12 @@ async def test_worker_stopping_fails_pending_pointers_promptly(served, transport
 @pytest.mark.parametrize("transport", NETWORK)
 async def test_unreachable_address(transport):
     with pytest.raises(WorkerLost):
-        await actors.connect(f"{transport}://127.0.0.1:9", token="x", timeout=5)
+        await actors.connect(f"{transport}://127.0.0.1:9", secret="x", timeout=5)
 
 
 async def test_reply_timeout_declares_a_silent_worker_lost(served):
     server = await served("tcp")
-    worker = await actors.connect(server.address, token="right", reply_timeout=0.2)
+    worker = await actors.connect(server.address, secret="right", reply_timeout=0.2)
     for session in server.worker.sessions:  # the worker stops answering this sender
         session.task.cancel()
     with pytest.raises(WorkerLost, match="did not answer"):

@@ -5,6 +5,11 @@
   there. Every step is a handful of pipelined commands: the leader never waits inside an epoch.
 * **fedavg**: each worker trains E epochs on its shard as one remote job (``nn.fit``), all
   workers at once; the leader averages the returned states weighted by shard size.
+
+What the leader receives is losses and parameters, nothing else: each owner published its
+shard releasing model updates (:func:`~privacy.federated.data.publish_shard`), and the label
+rules of the steps (:mod:`~privacy.federated.steps`, :mod:`~privacy.federated.releases`) say
+which results those are.
 """
 
 from __future__ import annotations
@@ -16,21 +21,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 import actors
 from actors.pointer import call
-from protocol.modules import LOSSES, fit, flat_parameters, load_flat, load_state, module_spec, spec_key
-from runners.datasets import Dataset
-from runners.federated import FederatedDataLoader, FederatedDataset, epoch_plan, shard_order
+from privacy.federated.data import FederatedDataLoader, FederatedDataset, epoch_plan, shard_order
+from privacy.federated.steps import LOSSES, fit, flat_parameters, load_flat, spec_key
+from protocol.modules import load_state, module_spec
 
 Progress = Callable[[int, float], None]
 
 
 @dataclass(frozen=True)
 class Settings:
-    """One federated run; the defaults per dataset are :data:`DEFAULTS`."""
+    """One federated run (the experiments' defaults per dataset: ``runners.experiments.DEFAULTS``)."""
 
     epochs: int = 10
     lr: float = 0.001
@@ -38,14 +42,6 @@ class Settings:
     seed: int = 0
     loss: str = "mse"
     hidden: tuple[int, ...] = (32, 24)
-
-
-#: Boston: the paper's workload (Table 1). Pima: no code was ever published; these settings give
-#: a stable ~80% accuracy with the same network.
-DEFAULTS = {
-    "boston": Settings(),
-    "pima": Settings(epochs=20, lr=0.01, loss="bce_logits"),
-}
 
 
 def make_model(n_features: int, hidden: tuple[int, ...] = (32, 24), seed: int = 0) -> nn.Sequential:
@@ -93,7 +89,7 @@ async def train_walk(
     """
     spec = fusable(model) if fused is not False else None
     if fused and spec is None:
-        raise TypeError("this model cannot take fused steps: see runners.training.fusable")
+        raise TypeError("this model cannot take fused steps: see privacy.federated.fusable")
     if spec is not None:
         return await _walk_fused(model, spec, loader, settings, progress)
     loss_fn = LOSSES[settings.loss]
@@ -298,12 +294,3 @@ def reference_fedavg(
         results = [fit(spec, state, x, y, **_job_options(settings, r, k)) for k, (x, y) in enumerate(shards)]
         state = _average([result[0] for result in results], [len(x) / total for x, _ in shards])
     load_state(model, state)
-
-
-def evaluate(model: nn.Module, dataset: Dataset) -> float:
-    """Test MSE (regression) or accuracy (binary) of a local model on the test part."""
-    with torch.no_grad():
-        output = model(dataset.x_test)
-    if dataset.task == "regression":
-        return float(F.mse_loss(output, dataset.y_test))
-    return float(((output > 0).float() == dataset.y_test).float().mean())

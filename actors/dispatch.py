@@ -1,0 +1,965 @@
+"""What a worker does with each message: the handlers, the command path, and the scheduler.
+
+Every handler takes the identity of the session the message came in on (authenticated by its
+transport) and asks the worker's :class:`~actors.policy.Policy` before touching an object.
+
+**Order without blocking.** One sender's messages run in the order sent, except that a message
+that must wait (for an object still travelling from a peer, a job, a flow) waits alone: the
+scheduler parks it behind whatever it depends on, and later messages that touch none of the
+same objects run meanwhile. Per object it keeps the last writer and the readers since, so
+reads of one object run together and a write waits for both. With nothing pending the hot
+path pays one truth test (``if self.tails``).
+
+**Labels.** A command's result carries the union of its arguments' labels; an in-place command
+adds them to its target and to everything sharing its storage; ``backward`` labels gradients;
+operations whose output shape depends on values mark the shape private; registered label
+rules are the only declassification. Errors of commands on labelled data keep their type and
+drop their message (it could quote the data).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from actors.context import Context
+from actors.flows import FLOW_OPTION
+from actors.policy import (
+    EMPTY,
+    GRADIENT,
+    RAW,
+    SHAPE,
+    Label,
+    converted,
+    label_from_wire,
+    label_to_wire,
+    with_form,
+)
+from actors.registry import CommandSpec, LabelIO
+from actors.store import Failure
+from protocol import (
+    RANDOM_ID_LIMIT,
+    BadArguments,
+    Command,
+    CommandNotAllowed,
+    Delete,
+    Expect,
+    Flow,
+    Forward,
+    Get,
+    GetMode,
+    MalformedMessage,
+    ObjectNotFound,
+    ObjRef,
+    PermissionDenied,
+    Ping,
+    ProtocolError,
+    Store,
+    SyftError,
+    WireError,
+    WorkerLost,
+)
+from protocol.allowlist import (
+    ALIASING,
+    COMMANDS,
+    GRAD_CLEARERS,
+    GRAD_READERS,
+    INPLACE,
+    MUTATES,
+    SHAPE_DEPENDENT,
+)
+
+if TYPE_CHECKING:
+    from actors.worker import Session, Worker
+
+_MISSING: Any = object()
+_NO_REFS: dict[str, list[int]] = {}
+_CONTAINERS = (list, tuple, dict)
+_Tensor = torch.Tensor
+#: Operations whose labels need more than the union of their arguments'.
+_SPECIAL = (
+    INPLACE
+    | GRAD_READERS
+    | GRAD_CLEARERS
+    | SHAPE_DEPENDENT
+    | ALIASING
+    | set(MUTATES)
+    | {op for op in COMMANDS if op.startswith("F.")}  # any may be called with inplace=True
+    | {"Tensor.backward", "Tensor.set_grad", "getitem", "Tensor.__getitem__", "torch.where", "Tensor.where"}
+    | {
+        f"optim.{name}"
+        for name in ("SGD", "Adam", "AdamW", "Adagrad", "Adadelta", "Adamax", "RMSprop", "NAdam", "RAdam")
+    }
+)
+WITHHELD = "details withheld: the operation ran on labelled data"
+
+
+class _DependencyFailed(Exception):
+    def __init__(self, failure: Failure) -> None:
+        self.failure = failure
+
+
+# -- the scheduler ----------------------------------------------------------------------------
+class Node:
+    """Something later messages may have to wait for: a parked message, a job, a flow, or an
+    object announced by EXPECT. ``start`` runs when nothing it depends on is pending."""
+
+    __slots__ = ("reads", "writes", "followers", "blockers", "start", "done")
+
+    def __init__(self, reads: Iterable[int], writes: Iterable[int], start: Callable[[Node], None]) -> None:
+        self.writes = frozenset(writes)
+        self.reads = frozenset(reads) - self.writes
+        self.followers: list[Node] = []
+        self.blockers = 0
+        self.start = start
+        self.done = False
+
+
+class Scheduler:
+    """Per object: the pending writer and the pending readers since (``tails``)."""
+
+    def __init__(self) -> None:
+        self.tails: dict[int, list[Any]] = {}
+
+    def blocked(self, reads: Iterable[int], writes: Iterable[int]) -> bool:
+        tails = self.tails
+        for obj_id in reads:
+            entry = tails.get(obj_id)
+            if entry is not None and entry[0] is not None:
+                return True
+        return any(obj_id in tails for obj_id in writes)
+
+    def add(self, node: Node) -> None:
+        """Register ``node`` behind what it depends on; start it now if that is nothing."""
+        tails = self.tails
+        blockers: set[int] = set()
+        before: list[Node] = []
+        for obj_id in node.reads:
+            entry = tails.get(obj_id)
+            if entry is None:
+                tails[obj_id] = [None, [node]]
+                continue
+            if entry[0] is not None and id(entry[0]) not in blockers:
+                blockers.add(id(entry[0]))
+                before.append(entry[0])
+            entry[1].append(node)
+        for obj_id in node.writes:
+            entry = tails.get(obj_id)
+            if entry is not None:
+                for other in (entry[0], *entry[1]):
+                    if other is not None and other is not node and id(other) not in blockers:
+                        blockers.add(id(other))
+                        before.append(other)
+            tails[obj_id] = [node, []]
+        node.blockers = len(before)
+        for other in before:
+            other.followers.append(node)
+        if not before:
+            node.start(node)
+
+    def finish(self, node: Node) -> None:
+        if node.done:
+            return
+        node.done = True
+        tails = self.tails
+        for obj_id in node.reads:
+            entry = tails.get(obj_id)
+            if entry is not None:
+                readers = entry[1]
+                if node in readers:
+                    readers.remove(node)
+                if entry[0] is None and not readers:
+                    del tails[obj_id]
+        for obj_id in node.writes:
+            entry = tails.get(obj_id)
+            if entry is not None and entry[0] is node:
+                entry[0] = None
+                if not entry[1]:
+                    del tails[obj_id]
+        for follower in node.followers:
+            follower.blockers -= 1
+            if follower.blockers == 0:
+                follower.start(follower)
+        node.followers = []
+
+
+class Arrival(Node):
+    """An object announced by EXPECT: owned by ``owner``, deliverable only by ``source``."""
+
+    __slots__ = ("obj_id", "owner", "source", "deadline")
+
+    def __init__(self, obj_id: int, owner: str, source: str, deadline: float) -> None:
+        super().__init__((), (obj_id,), _nothing)
+        self.obj_id = obj_id
+        self.owner = owner
+        self.source = source
+        self.deadline = deadline
+
+
+def _nothing(node: Node) -> None:
+    pass
+
+
+def refs_in(value: Any, out: list[int]) -> list[int]:
+    """Every object id referenced anywhere in ``value`` (lists, tuples, dict values)."""
+    kind = type(value)
+    if kind is ObjRef:
+        out.append(value.id)
+    elif kind is list or kind is tuple:
+        for item in value:
+            if type(item) is ObjRef:
+                out.append(item.id)
+            elif type(item) in _CONTAINERS:
+                refs_in(item, out)
+    elif kind is dict:
+        for item in value.values():
+            refs_in(item, out)
+    return out
+
+
+# -- the dispatcher ---------------------------------------------------------------------------
+class Dispatch:
+    """The message handlers of one worker (see the module docstring)."""
+
+    def __init__(self, worker: Worker, commands: dict[str, CommandSpec], label_rules: dict[str, Any]) -> None:
+        self.worker = worker
+        self.store = worker.store
+        self.policy = worker.policy
+        self.log = worker.log
+        self.scheduler = Scheduler()
+        self.tails = self.scheduler.tails
+        #: Announced objects still on their way, by id.
+        self.arrivals: dict[int, Arrival] = {}
+        #: STOREs a peer made on another identity's behalf before that identity announced them.
+        self.unclaimed: dict[int, tuple[str, Store]] = {}
+        #: Wire name -> callable run inline with no context: the torch allowlist, and
+        #: registered plain commands that need no context.
+        self.fast: dict[str, Callable[..., Any]] = dict(COMMANDS)
+        self.commands: dict[str, CommandSpec] = {}
+        self.label_rules = dict(label_rules)
+        for name, spec in commands.items():
+            if spec.kind == "plain" and not spec.context:
+                self.fast[name] = spec.fn
+            else:
+                self.commands[name] = spec
+                self.fast.pop(name, None)
+            if spec.labels is not None:
+                self.label_rules[name] = spec.labels
+        self.special = _SPECIAL | set(self.label_rules)
+        self.handlers: dict[type, Callable[[Session, Any], None]] = {
+            Store: self.on_store,
+            Get: self.on_get,
+            Delete: self.on_delete,
+            Forward: self.on_forward,
+            Expect: self.on_expect,
+            Ping: self.on_ping,
+            Flow: self.on_flow,
+        }
+        self.touches: dict[type, Callable[[Any], tuple[list[int], list[int]]]] = {
+            Get: lambda m: ([], [m.obj_id]) if m.mode == GetMode.RELEASE else ([m.obj_id], []),
+            Delete: lambda m: ([], list(m.obj_ids)),
+            Forward: lambda m: ([], list(m.obj_ids)) if m.release else (list(m.obj_ids), []),
+        }
+
+    # -- entry points -----------------------------------------------------------------------
+    def dispatch(self, session: Session, message: Any) -> None:
+        """Run (or park) one message; a bad one costs its sender an error, never the worker."""
+        try:
+            if isinstance(message, ProtocolError):  # the codec yields what it could not read
+                raise message
+            if message.sender != session.identity:
+                raise self.policy.refuse(
+                    None,
+                    session.identity,
+                    f"send a message as {message.sender!r} (the connection is its own)",
+                )
+            kind = type(message)
+            if kind is Command:
+                self.command(session, message)
+                return
+            handler = self.handlers.get(kind)
+            if handler is None:
+                raise MalformedMessage(f"a worker does not accept {kind.__name__} messages")
+            touches = self.touches.get(kind)
+            if touches is not None and self.tails:
+                reads, writes = touches(message)
+                reads.append(session.barrier)
+                if all(type(i) is int for i in (*reads, *writes)) and self.scheduler.blocked(reads, writes):
+                    self._park(session, message, reads, writes, lambda: handler(session, message))
+                    return
+            handler(session, message)
+        except Exception as exc:
+            self.report_failure(session, message, exc)
+
+    def report_failure(self, session: Session, message: Any, exc: Exception) -> None:
+        msg_id = exc.msg_id if exc is message else getattr(message, "msg_id", 0)  # type: ignore[attr-defined]
+        self.log.warning("message failed", sender=session.identity, msg_id=msg_id, error=repr(exc))
+        session.error(msg_id or 0, WireError.from_exception(exc))
+
+    def _park(
+        self, session: Session, message: Any, reads: list[int], writes: list[int], run: Callable[[], Any]
+    ) -> None:
+        """Run ``message`` once what it touches is no longer pending; later messages go on."""
+
+        def start(node: Node) -> None:
+            if session.closed and type(message) is not Delete:  # its sender left; a cleanup still runs
+                self.scheduler.finish(node)
+                return
+            try:
+                follow = run()
+            except Exception as exc:
+                self.report_failure(session, message, exc)
+                follow = None
+            if isinstance(follow, Node) and not follow.done:  # a job or flow: done when it is
+                follow.followers.append(node)
+                node.blockers = 1
+                node.start = self.scheduler.finish
+            else:
+                self.scheduler.finish(node)
+
+        self.worker.note_waiting()
+        self.scheduler.add(Node(reads, writes, start))
+
+    # -- commands ---------------------------------------------------------------------------
+    def command(self, session: Session, message: Command) -> None:
+        _, sender, result_id, op, args, kwargs = message
+        if type(result_id) is not int:
+            raise MalformedMessage("a command's result id must be an integer")
+        if result_id > RANDOM_ID_LIMIT or self.store.owners.get(result_id, sender) != sender:
+            self.check_may_write(result_id, sender)
+        if self.tails:
+            reads = refs_in(args, []) if type(args) is list else []
+            if kwargs:
+                refs_in(kwargs, reads)
+            writes = [result_id]
+            if op in self.special or (type(kwargs) is dict and "out" in kwargs):
+                writes += self._scheduled_writes(op, args, kwargs)
+            if op == "Tensor.backward":  # writes the gradients of leaves it does not name
+                writes.append(session.barrier)
+            else:
+                reads.append(session.barrier)
+            if self.scheduler.blocked(reads, writes):
+                self._park(session, message, reads, writes, lambda: self.run_command(session, message))
+                return
+        self.run_command(session, message)
+
+    def _scheduled_writes(self, op: str, args: Any, kwargs: Any) -> list[int]:
+        """What a command writes besides its result, from its message (before it runs), with
+        everything sharing storage with it: what later messages touching them must wait for."""
+        if type(args) is not list:
+            return []
+        positions = [_refs_of(arg) for arg in args]
+        kwrefs = {k: refs_in(v, []) for k, v in kwargs.items()} if type(kwargs) is dict else {}
+        target = args[0].id if args and type(args[0]) is ObjRef else None
+        ids = [i for refs in positions for i in refs]
+        written = self._targets(op, target, ids, positions, kwrefs, args, kwargs)
+        return [member for obj_id in written for member in self.store.members(obj_id)]
+
+    def run_command(self, session: Session, message: Command) -> Node | None:  # noqa: PLR0915 - inlined hot path
+        """Execute a command now (its inputs are all present); a job or flow returns its node."""
+        _, sender, result_id, op, args, kwargs = message
+        store = self.store
+        objects, owners, labels = store.objects, store.owners, store.labels
+        label = EMPTY
+        ids: list[int] = []
+        spec: CommandSpec | None = None
+        positions: list[list[int]] | None = None
+        target: int | None = None
+        try:
+            fn = self.fast.get(op) if type(op) is str else None
+            if fn is None:
+                spec = self.commands.get(op) if type(op) is str else None
+                if spec is None:
+                    raise CommandNotAllowed(f"command {op!r} is not served by {self.worker.id}")
+            if type(args) is not list:
+                raise BadArguments(f"{op}: arguments must be a list")
+            special = op in self.special
+            if special:
+                if op in self.label_rules or op in MUTATES:
+                    positions = [_refs_of(arg) for arg in args]
+                if args and type(args[0]) is ObjRef:
+                    target = args[0].id
+            wid = self.worker.id
+            for i, arg in enumerate(args):
+                if type(arg) is ObjRef:
+                    obj_id = arg.id
+                    value = objects.get(obj_id, _MISSING)
+                    if value is _MISSING:
+                        raise ObjectNotFound(f"object {obj_id!r} not found")
+                    owner = owners[obj_id]
+                    if owner != sender and owner != wid:  # noqa: PLR1714 - no tuple per argument
+                        raise self.policy.refuse(obj_id, sender, f"use an object of {owner}")
+                    if type(value) is Failure:
+                        raise _DependencyFailed(value)
+                    args[i] = value
+                    ids.append(obj_id)
+                    if labels:
+                        own = labels.get(obj_id)
+                        if own:
+                            label = label | own if label else own
+                elif type(arg) in _CONTAINERS:
+                    label = self._resolve_nested(args, i, sender, ids, label)
+            kwrefs: dict[str, list[int]] = _NO_REFS
+            if kwargs:
+                kwrefs = {}
+                if type(kwargs) is not dict:
+                    raise BadArguments(f"{op}: keyword arguments must be a map")
+                for key, value in kwargs.items():  # options are mostly plain values
+                    if type(value) is ObjRef or type(value) in _CONTAINERS:
+                        holder = [value]
+                        before = len(ids)
+                        label = self._resolve_nested(holder, 0, sender, ids, label)
+                        kwargs[key] = holder[0]
+                        kwrefs[key] = ids[before:]
+                if "out" in kwargs:
+                    special = True
+            if spec is not None:
+                return self._start(session, message, spec, args, kwargs or {}, label)
+            if special:
+                self._check_targets(op, sender, target, ids, positions, kwrefs, args, kwargs)
+            result = fn(*args, **kwargs) if kwargs else fn(*args)
+            if special or label or store.grad_labels:
+                label = self._effects(op, target, ids, positions, kwrefs, args, kwargs or {}, label)
+        except _DependencyFailed as dependency:
+            result, label = dependency.failure, EMPTY
+        except SyftError as exc:
+            result, label = Failure(WireError.from_exception(exc, result_id)), EMPTY
+            session.error(0, result.error)
+        except Exception as exc:
+            result = Failure(self._wire_error(exc, result_id, label))
+            label = EMPTY
+            session.error(0, result.error)
+        kind = type(result)
+        if ids and (
+            (kind is _Tensor and (result._is_view() or op in ALIASING or _is_arg(result, args)))
+            or (
+                kind is tuple
+                and any(type(r) is _Tensor and (r._is_view() or _is_arg(r, args)) for r in result)
+            )
+            or (op.startswith("optim.") and kind is not Failure)  # an optimizer holds its parameters
+        ):
+            store.put(result_id, result, sender, label)
+            store.alias([result_id, *ids])
+        elif label or result_id in objects:
+            store.put(result_id, result, sender, label)
+        else:
+            objects[result_id] = result
+            owners[result_id] = sender
+        return None
+
+    def _resolve_nested(
+        self, holder: list[Any], index: int, sender: str, ids: list[int], label: Label
+    ) -> Label:
+        """Replace the references inside ``holder[index]`` by their objects (a fresh copy of
+        the containers: the decoded message is not shared)."""
+        store = self.store
+        wid = self.worker.id
+
+        def resolve(value: Any) -> Any:
+            nonlocal label
+            kind = type(value)
+            if kind is ObjRef:
+                obj = store.objects.get(value.id, _MISSING)
+                if obj is _MISSING:
+                    raise ObjectNotFound(f"object {value.id!r} not found")
+                owner = store.owners[value.id]
+                if owner not in (sender, wid):
+                    raise self.policy.refuse(value.id, sender, f"use an object of {owner}")
+                if type(obj) is Failure:
+                    raise _DependencyFailed(obj)
+                ids.append(value.id)
+                own = store.label(value.id)
+                if own:
+                    label = label | own
+                return obj
+            if kind is list:
+                return [resolve(v) for v in value]
+            if kind is tuple:
+                return tuple(resolve(v) for v in value)
+            if kind is dict:
+                return {k: resolve(v) for k, v in value.items()}
+            return value
+
+        holder[index] = resolve(holder[index])
+        return label
+
+    def _wire_error(self, exc: BaseException, result_id: int, label: Label) -> WireError:
+        error = WireError.from_exception(exc, result_id)
+        if label:  # the message could quote the data (an index out of range, a value)
+            error.message, error.traceback = WITHHELD, ""
+        return error
+
+    def _put(self, obj_id: int, value: Any, owner: str, label: Label) -> None:
+        self.store.put(obj_id, value, owner, label)
+
+    def _check_targets(  # noqa: PLR0917 - one private call site on the hot path
+        self,
+        op: str,
+        sender: str,
+        target: int | None,
+        ids: list[int],
+        positions: list[list[int]] | None,
+        kwrefs: dict[str, list[int]],
+        args: list[Any],
+        kwargs: dict[str, Any] | None,
+    ) -> None:
+        """An in-place write must touch only the sender's own objects, through every alias: a
+        view of a worker's data is still that data."""
+        targets = self._targets(op, target, ids, positions, kwrefs, args, kwargs)
+        owners = self.store.owners
+        for obj_id in targets:
+            for member in self.store.members(obj_id):
+                owner = owners.get(member)
+                if owner is not None and owner != sender:
+                    raise self.policy.refuse(member, sender, f"write into an object of {owner}")
+
+    def _targets(  # noqa: PLR0917 - private
+        self,
+        op: str,
+        target: int | None,
+        ids: list[int],
+        positions: list[list[int]] | None,
+        kwrefs: dict[str, list[int]],
+        args: list[Any],
+        kwargs: dict[str, Any] | None,
+    ) -> list[int]:
+        """The objects an operation writes into (besides its result)."""
+        targets: list[int] = []
+        if op in INPLACE or op in ("Tensor.backward", "Tensor.set_grad"):
+            targets = [target] if target is not None else []
+        elif op in GRAD_READERS or op in GRAD_CLEARERS:
+            targets = list(ids)
+        elif op[:2] == "F." and _inplace_flag(args, kwargs or {}) and target is not None:
+            targets = [target]
+        if positions is not None:
+            for position in MUTATES.get(op, ()):
+                if position < len(positions):
+                    targets += positions[position]
+            for position in getattr(self.label_rules.get(op), "targets", ()):
+                if isinstance(position, int) and position < len(positions):
+                    targets += positions[position]
+        for name in ("out", "running_mean", "running_var", "weight") if op in MUTATES else ("out",):
+            targets += kwrefs.get(name, [])
+        return targets
+
+    def _effects(  # noqa: PLR0917 - one private call site on the hot path
+        self,
+        op: str,
+        target: int | None,
+        ids: list[int],
+        positions: list[list[int]] | None,
+        kwrefs: dict[str, list[int]],
+        args: list[Any],
+        kwargs: dict[str, Any],
+        label: Label,
+    ) -> Label:
+        """The result's label, after applying the operation's effects on other labels."""
+        store = self.store
+        rule = self.label_rules.get(op)
+        if rule is not None and positions is not None:
+            label = rule(LabelIO(store, positions, kwrefs, args, kwargs))
+            if op == "optim.sgd_step" and kwargs.get("zero_grad"):
+                for obj_id in ids:
+                    for member in store.members(obj_id):
+                        store.grad_labels.pop(member, None)
+            return label
+        if op in GRAD_READERS or op in GRAD_CLEARERS:
+            grads = EMPTY
+            for obj_id in ids:
+                for member in store.members(obj_id):
+                    grads = grads | store.grad_labels.get(member, EMPTY)
+            if op in GRAD_CLEARERS:
+                for obj_id in ids:
+                    for member in store.members(obj_id):
+                        store.grad_labels.pop(member, None)
+                return label
+            if op == "Tensor.grad":
+                return label | grads
+            if op == "nn.utils.clip_grad_norm_":
+                for obj_id in ids:
+                    store.grow_grad(obj_id, grads)
+                return label | grads
+            for obj_id in ids:  # an optimizer step: what the gradients carried is in the parameters now
+                store.grow(obj_id, label | grads)
+                if kwargs.get("zero_grad"):
+                    for member in store.members(obj_id):
+                        store.grad_labels.pop(member, None)
+            return label | grads
+        if op == "Tensor.backward":
+            loss = store.label(target) if target is not None else EMPTY
+            others = EMPTY
+            for obj_id in ids[1 if target is not None else 0 :]:
+                others = others | store.label(obj_id)
+            written = converted(loss, {RAW: GRADIENT}) | others
+            if written:
+                for obj_id, value in store.objects.items():
+                    if type(value) is _Tensor and value.requires_grad:
+                        store.grow_grad(obj_id, written)
+            return label
+        if op == "Tensor.set_grad":
+            if target is not None:
+                grad = EMPTY
+                for obj_id in ids[1:]:
+                    grad = grad | store.label(obj_id)
+                if grad:
+                    store.grad_labels[target] = grad
+                else:
+                    store.grad_labels.pop(target, None)
+            return label
+        if target is not None and (op in INPLACE or (op[:2] == "F." and _inplace_flag(args, kwargs))):
+            store.grow(target, label)
+            label = store.label(target)
+        for obj_id in self._targets(op, None, ids, positions, kwrefs, args, kwargs):
+            store.grow(obj_id, label)
+        if label and (op in SHAPE_DEPENDENT or _shape_from_values(op, args, ids, store)):
+            label = with_form(label, SHAPE)
+        return label
+
+    # -- jobs and flows ----------------------------------------------------------------------
+    def _start(  # noqa: PLR0917, PLR0915 - one private call site
+        self, session: Session, message: Command, spec: CommandSpec, args: list[Any], kwargs: dict[str, Any],
+        label: Label,
+    ) -> Node | None:  # fmt: skip
+        """Start a registered command that takes a context, a job or a flow. Its result id is
+        pending until it ends: commands that use it wait for it, nothing else does."""
+        worker = self.worker
+        sender, result_id = session.identity, message.result_id
+        flow = kwargs.pop(FLOW_OPTION, None) if spec.kind == "flow" else None
+        flow_id, parties = None, None
+        if spec.kind == "flow":
+            if not (
+                isinstance(flow, list)
+                and len(flow) == 2
+                and type(flow[0]) is int
+                and isinstance(flow[1], dict)
+            ):
+                raise BadArguments(f"{spec.name} is a flow: start it with actors.start_flow")
+            flow_id, parties = flow[0], {str(k): str(v) for k, v in flow[1].items()}
+        ctx = Context(
+            worker, sender, message.msg_id, result_id, label=label, flow_id=flow_id, parties=parties
+        )
+        call = (
+            functools.partial(spec.fn, ctx, *args, **kwargs)
+            if spec.context
+            else functools.partial(spec.fn, *args, **kwargs)
+        )
+        reads = refs_in(message.args, []) if type(message.args) is list else []
+        node = Node(reads, [result_id], _nothing)
+
+        def finish(result: Any, exc: BaseException | None) -> None:
+            if exc is not None:
+                if isinstance(exc, asyncio.CancelledError):
+                    exc = WorkerLost(f"{spec.name} was cancelled: its caller left or the worker stopped")
+                withheld = ctx.label if not isinstance(exc, SyftError) else EMPTY
+                failure = Failure(self._wire_error(exc, result_id, withheld))
+                self._put(result_id, failure, sender, EMPTY)
+                if not session.closed:
+                    session.error(0, failure.error)
+            else:
+                rule = self.label_rules.get(spec.name)
+                out_label = rule(self._io_from(message, ctx)) if rule is not None else ctx.label
+                self._put(result_id, result, sender, out_label)
+            if flow_id is not None:
+                worker.flows.forget(flow_id)
+            self.scheduler.finish(node)
+
+        if spec.kind == "plain":
+            try:
+                value = call()
+            except Exception as exc:
+                finish(None, exc)
+            else:
+                finish(value, None)
+            return None
+        self.scheduler.add(node)
+        self.log.info("started", kind=spec.kind, op=spec.name, sender=sender, msg_id=message.msg_id)
+        if spec.kind == "job":
+            future = asyncio.get_running_loop().run_in_executor(None, call)
+        else:
+            future = asyncio.ensure_future(call())
+            session.flows.add(future)
+            future.add_done_callback(session.flows.discard)
+            worker.flow_tasks.add(future)
+            future.add_done_callback(worker.flow_tasks.discard)
+
+        def done(future: asyncio.Future[Any]) -> None:
+            if future.cancelled():
+                finish(None, asyncio.CancelledError())
+                return
+            exc = future.exception()
+            finish(None if exc is not None else future.result(), exc)
+            self.log.info("done", op=spec.name, sender=sender, msg_id=message.msg_id, failed=exc is not None)
+
+        future.add_done_callback(done)
+        return node
+
+    def _io_from(self, message: Command, ctx: Context) -> LabelIO:
+        """A label rule's view of a registered command, from its message's references."""
+        refs = [refs_in(arg, []) for arg in message.args] if type(message.args) is list else []
+        kwrefs = {k: refs_in(v, []) for k, v in (message.kwargs or {}).items() if k != FLOW_OPTION}
+        return LabelIO(self.store, refs, kwrefs, list(message.args), dict(message.kwargs or {}))
+
+    # -- other messages ---------------------------------------------------------------------
+    def check_may_write(self, obj_id: int, sender: str) -> None:
+        """Only the worker publishes under published ids, and nobody replaces another's object."""
+        if obj_id > RANDOM_ID_LIMIT:
+            raise self.policy.refuse(
+                obj_id, sender, f"write under an id reserved for {self.worker.id}'s own data"
+            )
+        owner = self.store.owners.get(obj_id)
+        if owner is not None and owner != sender:
+            raise self.policy.refuse(obj_id, sender, f"replace an object of {owner}")
+
+    def on_store(self, session: Session, message: Store) -> None:
+        self.store_from(session.identity, message)
+
+    def store_from(self, sender: str, message: Store) -> None:
+        obj_id = message.obj_id
+        if type(obj_id) is not int:
+            raise MalformedMessage("STORE needs an integer object id")
+        owner = message.owner if type(message.owner) is str else sender
+        if owner == self.worker.id:
+            raise self.policy.refuse(obj_id, sender, f"make an object {self.worker.id}'s own data")
+        label = label_from_wire(message.label)
+        arrival = self.arrivals.get(obj_id)
+        if owner != sender:  # on another's behalf: only where that identity announced it from us
+            if arrival is None:
+                self._hold_unclaimed(obj_id, sender, message)
+                return
+            if arrival.owner != owner or arrival.source != sender:
+                raise self.policy.refuse(
+                    obj_id,
+                    sender,
+                    f"deliver an object {arrival.owner} announced from {arrival.source or 'nobody'}",
+                )
+        elif arrival is not None and arrival.owner != sender:
+            raise self.policy.refuse(obj_id, sender, f"deliver an object {arrival.owner} announced")
+        if arrival is None:
+            self.check_may_write(obj_id, owner)
+        obj = message.obj
+        if type(obj) is WireError:
+            obj = Failure(obj)
+        self._put(obj_id, obj, owner, label)
+        if arrival is not None:
+            del self.arrivals[obj_id]
+            self.scheduler.finish(arrival)
+
+    def _hold_unclaimed(self, obj_id: int, sender: str, message: Store) -> None:
+        """A forwarded object can outrun its owner's EXPECT (they travel on different links):
+        keep it, boundedly, until the announcement comes or its deadline passes."""
+        if obj_id in self.store.objects:
+            raise self.policy.refuse(obj_id, sender, f"replace an object on behalf of {message.owner}")
+        self.unclaimed[obj_id] = (sender, message)
+        if len(self.unclaimed) > self.worker.max_unclaimed:
+            oldest = next(iter(self.unclaimed))
+            held_by, _ = self.unclaimed.pop(oldest)
+            self.log.warning("unannounced object dropped", obj_id=oldest, sender=held_by)
+
+    def on_get(self, session: Session, message: Get) -> None:
+        requester = session.identity
+        obj_id = message.obj_id
+        if type(obj_id) is not int:
+            raise MalformedMessage(f"object ids are integers, got {type(obj_id).__name__}")
+        value = self.store.objects.get(obj_id, _MISSING)
+        if value is _MISSING:
+            session.error(
+                message.msg_id, WireError.from_exception(ObjectNotFound(f"object {obj_id!r} not found"))
+            )
+            return
+        owner = self.store.owners[obj_id]
+        if owner not in (requester, self.worker.id):
+            raise self.policy.refuse(obj_id, requester, f"read an object of {owner}")
+        mode = message.mode
+        if type(value) is Failure:
+            session.error(message.msg_id, value.error)
+            if mode == GetMode.RELEASE and owner == requester:
+                self.store.drop(obj_id)
+        elif mode == GetMode.META:
+            meta = describe(value)
+            if "shape" in meta and self.policy.shape_private(self.store.label(obj_id)):
+                del meta["shape"]
+            session.reply(message.msg_id, meta)
+        elif mode in (GetMode.COPY, GetMode.RELEASE):
+            try:
+                self.policy.check_leave(obj_id, self.store.leaving_label(obj_id), requester, requester)
+            finally:  # refused or not, the pointer is spent: its object goes
+                if mode == GetMode.RELEASE and owner == requester:
+                    self.store.drop(obj_id)
+            session.reply(message.msg_id, value)
+            return
+        else:
+            raise MalformedMessage(f"unknown GET mode {mode!r}")
+
+    def on_delete(self, session: Session, message: Delete) -> None:
+        if type(message.obj_ids) is not list:
+            raise MalformedMessage("DELETE needs a list of object ids")
+        requester = session.identity
+        owners = self.store.owners
+        refused = None
+        for obj_id in message.obj_ids:
+            owner = owners.get(obj_id) if type(obj_id) is int else None
+            if owner == requester:
+                self.store.drop(obj_id)
+            elif owner is not None and owner != self.worker.id:  # the worker's data: a pointer was dropped
+                refused = self.policy.refuse(obj_id, requester, f"delete an object of {owner}")
+        if refused is not None:
+            raise refused
+
+    def on_forward(self, session: Session, message: Forward) -> None:
+        obj_ids, new_ids = message.obj_ids, message.new_ids
+        if type(obj_ids) is not list or type(new_ids) is not list or len(obj_ids) != len(new_ids):
+            raise MalformedMessage("FORWARD needs two lists of object ids of the same length")
+        if type(message.dest_id) is not str or type(message.dest_address) is not str:
+            raise MalformedMessage("FORWARD needs a destination id and address")
+        requester = session.identity
+        peer = self.worker.peer(message.dest_id, message.dest_address)
+        stores = []
+        released = []
+        for obj_id, new_id in zip(obj_ids, new_ids, strict=True):
+            label: Label = EMPTY
+            try:
+                value = self.store.get(obj_id) if type(obj_id) is int else None
+                if value is None:
+                    raise MalformedMessage("object ids are integers")
+                owner = self.store.owners[obj_id]
+                if owner not in (requester, self.worker.id):
+                    raise self.policy.refuse(obj_id, requester, f"move an object of {owner}")
+                label = self.policy.check_leave(
+                    obj_id, self.store.leaving_label(obj_id), requester, message.dest_id
+                )
+                if owner == requester:
+                    released.append(obj_id)
+            except (ObjectNotFound, PermissionDenied, MalformedMessage) as exc:
+                value = Failure(WireError.from_exception(exc, obj_id))
+                session.error(message.msg_id, value.error)
+            payload = value.error if type(value) is Failure else value
+            stores.append(
+                Store(peer.next_id(), self.worker.id, new_id, payload, requester, label_to_wire(label))
+            )
+        try:
+            peer.tell_all(stores)  # a whole model crosses in one frame
+        except Exception:  # some value cannot travel: send each alone, failures as failures
+            for store in stores:
+                try:
+                    peer.tell(store)
+                except Exception as exc:
+                    peer.tell(store._replace(obj=WireError.from_exception(exc, store.obj_id), label=None))
+        if message.release:
+            for obj_id in released:
+                self.store.drop(obj_id)
+
+    def on_expect(self, session: Session, message: Expect) -> None:
+        if type(message.obj_ids) is not list or not all(type(i) is int for i in message.obj_ids):
+            raise MalformedMessage("EXPECT needs a list of integer object ids")
+        if type(message.source) is not str:
+            raise MalformedMessage("EXPECT names the worker the objects come from")
+        owner = session.identity
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.worker.expect_timeout
+        for obj_id in message.obj_ids:
+            if obj_id in self.store.objects or obj_id in self.arrivals:
+                continue
+            self.check_may_write(obj_id, owner)
+            arrival = Arrival(obj_id, owner, message.source, deadline)
+            self.arrivals[obj_id] = arrival
+            self.scheduler.add(arrival)
+            self.worker.watch(arrival)
+            held = self.unclaimed.pop(obj_id, None)
+            if held is not None:
+                peer, store = held
+                try:
+                    self.store_from(peer, store)
+                except Exception as exc:
+                    self.log.warning("held object refused", obj_id=obj_id, sender=peer, error=str(exc))
+
+    def expire(self, arrival: Arrival) -> None:
+        """An announced object did not come in time: whoever waits for it gets the error."""
+        if self.arrivals.get(arrival.obj_id) is not arrival:
+            return
+        del self.arrivals[arrival.obj_id]
+        error = WorkerLost(
+            f"object {arrival.obj_id:#x} was announced from {arrival.source or 'a peer'} but did not "
+            f"arrive within {self.worker.expect_timeout:g} s"
+        )
+        self._put(
+            arrival.obj_id, Failure(WireError.from_exception(error, arrival.obj_id)), arrival.owner, EMPTY
+        )
+        self.scheduler.finish(arrival)
+
+    def on_ping(self, session: Session, message: Ping) -> None:
+        session.reply(message.msg_id, self.worker.status())
+
+    def on_flow(self, session: Session, message: Flow) -> None:
+        if type(message.flow_id) is not int or type(message.tag) is not str:
+            raise MalformedMessage("FLOW needs an integer flow id and a string tag")
+        label = label_from_wire(message.label)
+        self.worker.flows.deliver(session.identity, message.flow_id, message.tag, message.value, label)
+
+
+def _inplace_flag(args: list[Any], kwargs: dict[str, Any] | None) -> bool:
+    """``F.relu(x, inplace=True)`` and the like (positionally too: any later ``True``)."""
+    if kwargs and kwargs.get("inplace") is True:
+        return True
+    return any(arg is True for arg in args[1:])
+
+
+def _refs_of(arg: Any) -> list[int]:
+    if type(arg) is ObjRef:
+        return [arg.id]
+    if type(arg) in _CONTAINERS:
+        return refs_in(arg, [])
+    return []
+
+
+def _is_arg(result: Any, args: list[Any]) -> bool:
+    for arg in args:  # noqa: SIM110 - a loop is several times faster than any() on this path
+        if arg is result:
+            return True
+    return False
+
+
+def _holds_aliases(op: str, result: Any, args: list[Any]) -> bool:
+    """A tuple of views (``split``, ``unbind``), or an optimizer holding its parameters."""
+    if type(result) is tuple:
+        return any(type(r) is _Tensor and (r._is_view() or _is_arg(r, args)) for r in result)
+    return op.startswith("optim.") and type(result) is not Failure
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [v for v in value if isinstance(v, torch.Tensor)]
+    return []
+
+
+def _shape_from_values(op: str, args: list[Any], ids: list[int], store: Any) -> bool:
+    """Whether labelled values decide the result's shape: a boolean mask as an index, the
+    one-argument ``where``, or a labelled Python number (from ``item``, ``tolist``) as an
+    argument, which could be a size."""
+    if op in ("getitem", "Tensor.__getitem__") and len(args) > 1:
+        keys = args[1] if isinstance(args[1], tuple | list) else (args[1],)
+        if any(isinstance(k, torch.Tensor) and k.dtype == torch.bool for k in keys):
+            return True
+    if op in ("torch.where", "Tensor.where") and len(args) == 1:
+        return True
+    for obj_id in ids:
+        if store.label(obj_id) and not isinstance(store.objects.get(obj_id), torch.Tensor):
+            return True
+    return False
+
+
+def describe(value: Any) -> dict[str, Any]:
+    """What a pointer learns when it resolves: the type and, for tensors, shape and dtype."""
+    if isinstance(value, torch.Tensor):
+        return {
+            "type": "Tensor",
+            "shape": tuple(value.shape),
+            "dtype": value.dtype,
+            "requires_grad": value.requires_grad,
+        }
+    return {"type": type(value).__name__}

@@ -1,0 +1,96 @@
+"""Flows: protocols that run between workers as straight-line async code.
+
+A flow is a registered command of kind ``"flow"``. Each party runs its own instance as a task
+owned by its worker; instances of one protocol run share a ``flow_id`` and reach each other
+through their :class:`~actors.context.Context`: ``ctx.send(party, tag, value)`` and
+``await ctx.recv(party, tag)``. Messages go worker to worker (FLOW), never through the leader,
+and a message is delivered only to the flow it names, as coming from the identity its connection
+authenticated. A message that arrives before its flow has asked for it waits in a bounded buffer.
+
+The leader starts a run with :func:`start_flow`, which sends every party its command at once and
+returns their result pointers without waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import TYPE_CHECKING, Any
+
+from actors.log import get_logger
+from actors.pointer import PointerTensor, call, new_object_id
+from actors.policy import Label
+
+if TYPE_CHECKING:
+    from actors.remote import RemoteWorker
+
+#: The keyword that carries a run's id and parties; a flow never sees it as an argument.
+FLOW_OPTION = "flow"
+#: Messages kept for flows that have not asked for them yet, per worker.
+EARLY_LIMIT = 65536
+
+_Key = tuple[int, str, str]
+
+
+class FlowRouter:
+    """A worker's mailboxes for flow messages, by (flow id, sending party, tag)."""
+
+    def __init__(self, worker_id: str, limit: int = EARLY_LIMIT) -> None:
+        self.limit = limit
+        self._waiting: dict[_Key, asyncio.Future[tuple[Any, Label]]] = {}
+        self._early: dict[_Key, collections.deque[tuple[Any, Label]]] = {}
+        self._early_count = 0
+        self.log = get_logger(worker=worker_id)
+
+    def deliver(self, sender: str, flow_id: int, tag: str, value: Any, label: Label) -> None:
+        key = (flow_id, sender, tag)
+        waiter = self._waiting.pop(key, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result((value, label))
+            return
+        if self._early_count >= self.limit:
+            self.log.warning(
+                "flow message dropped: too many waiting", sender=sender, flow_id=flow_id, tag=tag
+            )
+            return
+        self._early.setdefault(key, collections.deque()).append((value, label))
+        self._early_count += 1
+
+    def receive(self, flow_id: int, party: str, tag: str) -> asyncio.Future[tuple[Any, Label]]:
+        key = (flow_id, party, tag)
+        future: asyncio.Future[tuple[Any, Label]] = asyncio.get_running_loop().create_future()
+        early = self._early.get(key)
+        if early:
+            future.set_result(early.popleft())
+            self._early_count -= 1
+            if not early:
+                del self._early[key]
+            return future
+        if key in self._waiting:
+            raise RuntimeError(f"flow {flow_id:#x} already waits for {tag!r} from {party}")
+        self._waiting[key] = future
+        return future
+
+    def forget(self, flow_id: int) -> None:
+        """A run ended on this worker: drop what it left (messages nobody will ask for)."""
+        for key in [k for k in self._early if k[0] == flow_id]:
+            self._early_count -= len(self._early.pop(key))
+        for key in [k for k in self._waiting if k[0] == flow_id]:
+            self._waiting.pop(key).cancel()
+
+
+def start_flow(
+    op: str,
+    calls: dict[RemoteWorker, tuple[list[Any], dict[str, Any] | None]],
+    *,
+    flow_id: int | None = None,
+) -> dict[RemoteWorker, PointerTensor]:
+    """Start one run of flow ``op``: each worker gets ``op(*args, **kwargs)`` with the run's id
+    and every party's address. Returns each party's result pointer at once."""
+    run = new_object_id() if flow_id is None else flow_id
+    parties = {worker.id: worker.address for worker in calls}
+    results = {}
+    for worker, (args, kwargs) in calls.items():
+        options = {**(kwargs or {}), FLOW_OPTION: [run, parties]}
+        results[worker] = call(worker, op, list(args), options)
+    return results
