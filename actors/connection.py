@@ -14,10 +14,12 @@ from typing import Any
 from actors.log import get_logger
 from actors.transport import Transport
 from protocol import (
+    AuthenticationFailed,
     Codec,
     Delete,
     Error,
     Kind,
+    Ping,
     Reply,
     SyftError,
     WireError,
@@ -51,6 +53,7 @@ class Connection:
         codec: Codec | None = None,
         *,
         reply_timeout: float | None = None,
+        expect_id: str | None = None,
     ) -> None:
         self.local_id = local_id
         #: Seconds a question may wait for its answer before the worker counts as lost; ``None``
@@ -70,7 +73,36 @@ class Connection:
         self._flush_scheduled = False
         self._asked_this_turn = False
         self.log = get_logger(worker=local_id, peer=remote_id)
+        #: Messages held until the worker proved to be ``expect_id`` (see :meth:`_verify`).
+        self._held: list[Any] | None = None
         transport.start(self._on_frame, self._on_lost)
+        if expect_id is not None:
+            self._verify(expect_id)
+
+    def _verify(self, expect_id: str) -> None:
+        """Hold everything until the worker at this address says it is ``expect_id``: a worker
+        forwarding data released to bob must not hand it to whoever answers at the address it
+        was given. (The worker's word is all there is until TLS authenticates servers.)"""
+        ping = Ping(self.next_id(), self.local_id)
+        answer = self.ask(ping)
+        self._held = []
+
+        def verified(future: asyncio.Future[Any]) -> None:
+            held, self._held = self._held or [], None
+            if future.cancelled() or future.exception() is not None:
+                return  # the link failed; its error reaches whoever uses it
+            status = future.result()
+            found = status.get("id") if isinstance(status, dict) else None
+            if found != expect_id:
+                self._on_lost(
+                    AuthenticationFailed(f"{self.transport.address} answered as {found!r}, not {expect_id!r}")
+                )
+                self._closing = self.loop.create_task(self.transport.close())
+                return
+            if held:
+                self.tell_all(held)
+
+        answer.add_done_callback(verified)
 
     @property
     def address(self) -> str:
@@ -81,12 +113,18 @@ class Connection:
         """Send ``message`` without waiting for anything."""
         if self.lost is not None:
             raise self.lost
+        if self._held is not None:
+            self._held.append(message)
+            return
         self._added(self._frame.add(message))
 
     def tell_all(self, messages: list[Any]) -> None:
         """Send ``messages`` together: what they carry is captured once, in one frame."""
         if self.lost is not None:
             raise self.lost
+        if self._held is not None:
+            self._held.extend(messages)
+            return
         holds_views = False
         for message in messages:
             holds_views = self._frame.add(message) or holds_views

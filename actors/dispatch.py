@@ -235,7 +235,7 @@ class Dispatch:
         #: Announced objects still on their way, by id.
         self.arrivals: dict[int, Arrival] = {}
         #: STOREs a peer made on another identity's behalf before that identity announced them.
-        self.unclaimed: dict[int, tuple[str, Store]] = {}
+        self.unclaimed: dict[tuple[int, str], Store] = {}
         #: Wire name -> callable run inline with no context: the torch allowlist, and
         #: registered plain commands that need no context.
         self.fast: dict[str, Callable[..., Any]] = dict(COMMANDS)
@@ -343,9 +343,16 @@ class Dispatch:
             else:
                 reads.append(session.barrier)
             if self.scheduler.blocked(reads, writes):
-                self._park(session, message, reads, writes, lambda: self.run_command(session, message))
+                self._park(session, message, reads, writes, lambda: self._run_parked(session, message))
                 return
         self.run_command(session, message)
+
+    def _run_parked(self, session: Session, message: Command) -> Node | None:
+        """A parked command runs later: whose its result id is may have changed meanwhile."""
+        owner = self.store.owners.get(message.result_id, message.sender)
+        if owner != message.sender:
+            raise self.policy.refuse(message.result_id, message.sender, f"replace an object of {owner}")
+        return self.run_command(session, message)
 
     def _scheduled_writes(self, op: str, args: Any, kwargs: Any) -> list[int]:
         """What a command writes besides its result, from its message (before it runs), with
@@ -423,7 +430,7 @@ class Dispatch:
                 self._check_targets(op, sender, target, ids, positions, kwrefs, args, kwargs)
             result = fn(*args, **kwargs) if kwargs else fn(*args)
             if special or label or store.grad_labels:
-                label = self._effects(op, target, ids, positions, kwrefs, args, kwargs or {}, label)
+                label = self._effects(op, sender, target, ids, positions, kwrefs, args, kwargs or {}, label)
         except _DependencyFailed as dependency:
             result, label = dependency.failure, EMPTY
         except SyftError as exc:
@@ -433,17 +440,14 @@ class Dispatch:
             result = Failure(self._wire_error(exc, result_id, label))
             label = EMPTY
             session.error(0, result.error)
-        kind = type(result)
         if ids and (
-            (kind is _Tensor and (result._is_view() or op in ALIASING or _is_arg(result, args)))
-            or (
-                kind is tuple
-                and any(type(r) is _Tensor and (r._is_view() or _is_arg(r, args)) for r in result)
-            )
-            or (op.startswith("optim.") and kind is not Failure)  # an optimizer holds its parameters
+            (result._is_view() or op in ALIASING or _contains(args, result))
+            if isinstance(result, _Tensor)
+            else _holds_aliases(op, result, args)
         ):
-            store.put(result_id, result, sender, label)
-            store.alias([result_id, *ids])
+            linked = [member for obj_id in ids for member in store.members(obj_id)]  # before put:
+            store.put(result_id, result, sender, label)  # a reused id must not cut its own links
+            store.alias([result_id, *linked])
         elif label or result_id in objects:
             store.put(result_id, result, sender, label)
         else:
@@ -549,6 +553,7 @@ class Dispatch:
     def _effects(  # noqa: PLR0917 - one private call site on the hot path
         self,
         op: str,
+        sender: str,
         target: int | None,
         ids: list[int],
         positions: list[list[int]] | None,
@@ -595,9 +600,10 @@ class Dispatch:
             for obj_id in ids[1 if target is not None else 0 :]:
                 others = others | store.label(obj_id)
             written = converted(loss, {RAW: GRADIENT}) | others
-            if written:
+            if written:  # the graph holds only objects the sender may use: its own, the worker's
+                owners, mine = store.owners, (sender, self.worker.id)
                 for obj_id, value in store.objects.items():
-                    if type(value) is _Tensor and value.requires_grad:
+                    if isinstance(value, _Tensor) and value.requires_grad and owners.get(obj_id) in mine:
                         store.grow_grad(obj_id, written)
             return label
         if op == "Tensor.set_grad":
@@ -711,6 +717,8 @@ class Dispatch:
                 obj_id, sender, f"write under an id reserved for {self.worker.id}'s own data"
             )
         owner = self.store.owners.get(obj_id)
+        if owner is None and obj_id in self.arrivals:
+            owner = self.arrivals[obj_id].owner
         if owner is not None and owner != sender:
             raise self.policy.refuse(obj_id, sender, f"replace an object of {owner}")
 
@@ -753,10 +761,10 @@ class Dispatch:
         keep it, boundedly, until the announcement comes or its deadline passes."""
         if obj_id in self.store.objects:
             raise self.policy.refuse(obj_id, sender, f"replace an object on behalf of {message.owner}")
-        self.unclaimed[obj_id] = (sender, message)
+        self.unclaimed[obj_id, sender] = message  # by sender: no one can displace another's
         if len(self.unclaimed) > self.worker.max_unclaimed:
-            oldest = next(iter(self.unclaimed))
-            held_by, _ = self.unclaimed.pop(oldest)
+            oldest, held_by = next(iter(self.unclaimed))
+            del self.unclaimed[oldest, held_by]
             self.log.warning("unannounced object dropped", obj_id=oldest, sender=held_by)
 
     def on_get(self, session: Session, message: Get) -> None:
@@ -816,6 +824,8 @@ class Dispatch:
         if type(message.dest_id) is not str or type(message.dest_address) is not str:
             raise MalformedMessage("FORWARD needs a destination id and address")
         requester = session.identity
+        if message.dest_id == self.worker.id:  # what is released to this worker stays here
+            raise self.policy.refuse(None, requester, f"forward to {self.worker.id} itself")
         peer = self.worker.peer(message.dest_id, message.dest_address)
         stores = []
         released = []
@@ -868,13 +878,14 @@ class Dispatch:
             self.arrivals[obj_id] = arrival
             self.scheduler.add(arrival)
             self.worker.watch(arrival)
-            held = self.unclaimed.pop(obj_id, None)
+            held = self.unclaimed.pop((obj_id, message.source), None)
             if held is not None:
-                peer, store = held
                 try:
-                    self.store_from(peer, store)
+                    self.store_from(message.source, held)
                 except Exception as exc:
-                    self.log.warning("held object refused", obj_id=obj_id, sender=peer, error=str(exc))
+                    self.log.warning(
+                        "held object refused", obj_id=obj_id, sender=message.source, error=str(exc)
+                    )
 
     def expire(self, arrival: Arrival) -> None:
         """An announced object did not come in time: whoever waits for it gets the error."""
@@ -915,17 +926,25 @@ def _refs_of(arg: Any) -> list[int]:
     return []
 
 
-def _is_arg(result: Any, args: list[Any]) -> bool:
-    for arg in args:  # noqa: SIM110 - a loop is several times faster than any() on this path
-        if arg is result:
+def _contains(args: Any, value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` is one of ``args`` or inside a list or tuple among them (the operation
+    handed back an input, or an element of one)."""
+    for arg in args:
+        if arg is value:
+            return True
+        if depth < 3 and (type(arg) is list or type(arg) is tuple) and _contains(arg, value, depth + 1):
             return True
     return False
 
 
 def _holds_aliases(op: str, result: Any, args: list[Any]) -> bool:
-    """A tuple of views (``split``, ``unbind``), or an optimizer holding its parameters."""
-    if type(result) is tuple:
-        return any(type(r) is _Tensor and (r._is_view() or _is_arg(r, args)) for r in result)
+    """A tuple or list holding views or inputs (``split``, ``unbind``, ``atleast_1d``), or an
+    optimizer holding its parameters."""
+    if type(result) is tuple or type(result) is list:
+        return any(
+            (isinstance(r, _Tensor) and (r._is_view() or _contains(args, r))) or type(r) in (list, tuple)
+            for r in result
+        )
     return op.startswith("optim.") and type(result) is not Failure
 
 
@@ -938,17 +957,29 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 
 
 def _shape_from_values(op: str, args: list[Any], ids: list[int], store: Any) -> bool:
-    """Whether labelled values decide the result's shape: a boolean mask as an index, the
-    one-argument ``where``, or a labelled Python number (from ``item``, ``tolist``) as an
-    argument, which could be a size."""
+    """Whether labelled values may decide the result's shape: a boolean mask as an index, the
+    one-argument ``where``, or a labelled number used after the first argument, where a size, a
+    count or a dimension goes: a Python value (from ``item``, ``tolist``) or a one-element
+    integer tensor (``t.new_zeros([k])``, ``t.expand(k)``, ``torch.narrow(t, 0, 0, k)``)."""
     if op in ("getitem", "Tensor.__getitem__") and len(args) > 1:
         keys = args[1] if isinstance(args[1], tuple | list) else (args[1],)
         if any(isinstance(k, torch.Tensor) and k.dtype == torch.bool for k in keys):
             return True
     if op in ("torch.where", "Tensor.where") and len(args) == 1:
         return True
+    first = args[0] if args else None
     for obj_id in ids:
-        if store.label(obj_id) and not isinstance(store.objects.get(obj_id), torch.Tensor):
+        if not store.label(obj_id):
+            continue
+        value = store.objects.get(obj_id)
+        if not isinstance(value, torch.Tensor):
+            return True
+        if (
+            value is not first
+            and value.numel() == 1
+            and not value.is_floating_point()
+            and not value.is_complex()
+        ):
             return True
     return False
 

@@ -113,6 +113,12 @@ class Release:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(to={list(self.to) if self.to is not None else 'anyone'})"
 
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.to == self.to  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.to))
+
 
 _RELEASE_KINDS: dict[str, type[Release]] = {}
 

@@ -264,7 +264,8 @@ class Worker:
         connection = self.peers.get(key)
         if connection is None or connection.lost is not None:
             transport = dial(address, self.id, secret=self.secret)
-            connection = Connection(self.id, peer_id, transport, Codec(self.codec.max_frame_size))
+            codec = Codec(self.codec.max_frame_size)
+            connection = Connection(self.id, peer_id, transport, codec, expect_id=peer_id)
             self.peers[key] = connection
         return connection
 

@@ -10,9 +10,11 @@ say which results are those two things:
   ``backward`` carried into the parameters becomes a model update. Only gradients change form:
   anything else in them (say raw data copied into a gradient with ``set_grad``) keeps its form,
   so parameters it was written into can never leave;
-* a scalar loss (mean or sum) of a model's output (a tensor that requires grad) against targets
-  is a training loss, a model update. An elementwise loss (``reduction="none"``), or a loss of
-  something that is not a model's output, is an ordinary computation on the data.
+* a scalar loss (mean or sum) of a computed output that requires grad (a model's output) against
+  targets is a training loss, a model update. An elementwise loss (``reduction="none"``), or a
+  loss of something not computed (a leaf, such as a copy of the data made to require grad), is
+  an ordinary computation on the data. A computation that merely passes the data through
+  (``w * 0 + x``) cannot be told apart from a model: see below.
 
 The fused commands (``nn.sgd_step``, ``nn.fit``) declare theirs where they are registered
 (:mod:`privacy.federated.steps`).
@@ -84,7 +86,7 @@ def _reduces_to_a_scalar(signature: inspect.Signature, args: list[Any], kwargs: 
     except TypeError:
         return False
     output = arguments.get("input")
-    if not (isinstance(output, torch.Tensor) and output.requires_grad):
+    if not (isinstance(output, torch.Tensor) and output.requires_grad and output.grad_fn is not None):
         return False
     if arguments.get("reduce") not in (None, True):
         return False
