@@ -111,8 +111,8 @@ class Node:
     __slots__ = ("reads", "writes", "followers", "blockers", "start", "done")
 
     def __init__(self, reads: Iterable[int], writes: Iterable[int], start: Callable[[Node], None]) -> None:
-        self.writes = frozenset(writes)
-        self.reads = frozenset(reads) - self.writes
+        self.writes = writes
+        self.reads = reads
         self.followers: list[Node] = []
         self.blockers = 0
         self.start = start
@@ -120,7 +120,9 @@ class Node:
 
 
 class Scheduler:
-    """Per object: the pending writer and the pending readers since (``tails``)."""
+    """Per object: the pending writer and the pending readers since (``tails``). Readers are
+    kept in a dict (an ordered set): a walk parks dozens of steps reading the same shard, and
+    each must leave in constant time."""
 
     def __init__(self) -> None:
         self.tails: dict[int, list[Any]] = {}
@@ -133,28 +135,30 @@ class Scheduler:
                 return True
         return any(obj_id in tails for obj_id in writes)
 
-    def add(self, node: Node) -> None:
-        """Register ``node`` behind what it depends on; start it now if that is nothing."""
+    def add(self, node: Node, after: Iterable[Node] = ()) -> None:
+        """Register ``node`` behind what it depends on (and ``after``); start it now if that
+        is nothing."""
         tails = self.tails
-        blockers: set[int] = set()
-        before: list[Node] = []
+        before: dict[Node, None] = dict.fromkeys(other for other in after if not other.done)
+        writes = node.writes
         for obj_id in node.reads:
+            if obj_id in writes:
+                continue
             entry = tails.get(obj_id)
             if entry is None:
-                tails[obj_id] = [None, [node]]
+                tails[obj_id] = [None, {node: None}]
                 continue
-            if entry[0] is not None and id(entry[0]) not in blockers:
-                blockers.add(id(entry[0]))
-                before.append(entry[0])
-            entry[1].append(node)
-        for obj_id in node.writes:
+            if entry[0] is not None:
+                before[entry[0]] = None
+            entry[1][node] = None
+        for obj_id in writes:
             entry = tails.get(obj_id)
             if entry is not None:
-                for other in (entry[0], *entry[1]):
-                    if other is not None and other is not node and id(other) not in blockers:
-                        blockers.add(id(other))
-                        before.append(other)
-            tails[obj_id] = [node, []]
+                if entry[0] is not None:
+                    before[entry[0]] = None
+                before.update(entry[1])
+            tails[obj_id] = [node, {}]
+        before.pop(node, None)
         node.blockers = len(before)
         for other in before:
             other.followers.append(node)
@@ -170,8 +174,7 @@ class Scheduler:
             entry = tails.get(obj_id)
             if entry is not None:
                 readers = entry[1]
-                if node in readers:
-                    readers.remove(node)
+                readers.pop(node, None)
                 if entry[0] is None and not readers:
                     del tails[obj_id]
         for obj_id in node.writes:
@@ -180,11 +183,11 @@ class Scheduler:
                 entry[0] = None
                 if not entry[1]:
                     del tails[obj_id]
-        for follower in node.followers:
+        followers, node.followers = node.followers, []
+        for follower in followers:
             follower.blockers -= 1
             if follower.blockers == 0:
                 follower.start(follower)
-        node.followers = []
 
 
 class Arrival(Node):
@@ -202,6 +205,27 @@ class Arrival(Node):
 
 def _nothing(node: Node) -> None:
     pass
+
+
+class _Parked(Node):
+    """A message waiting for what it touches."""
+
+    __slots__ = ("dispatch", "session", "message", "run")
+
+    def __init__(  # noqa: PLR0917 - one call site
+        self, reads: list[int], writes: list[int], dispatch: Dispatch, session: Session, message: Any,
+        run: Callable[[], Any],
+    ) -> None:  # fmt: skip
+        super().__init__(reads, writes, _start_parked)
+        self.dispatch = dispatch
+        self.session = session
+        self.message = message
+        self.run = run
+
+
+def _start_parked(node: Node) -> None:
+    assert isinstance(node, _Parked)
+    node.dispatch.run_parked(node)
 
 
 def refs_in(value: Any, out: list[int]) -> list[int]:
@@ -250,6 +274,12 @@ class Dispatch:
             if spec.labels is not None:
                 self.label_rules[name] = spec.labels
         self.special = _SPECIAL | set(self.label_rules)
+        #: Arguments (by position) an operation writes into besides its first.
+        self.written_positions: dict[str, tuple[int, ...]] = dict(MUTATES)
+        for name, rule in self.label_rules.items():
+            positions = tuple(p for p in getattr(rule, "targets", ()) if isinstance(p, int))
+            if positions:
+                self.written_positions[name] = self.written_positions.get(name, ()) + positions
         self.handlers: dict[type, Callable[[Session, Any], None]] = {
             Store: self.on_store,
             Get: self.on_get,
@@ -269,25 +299,26 @@ class Dispatch:
     def dispatch(self, session: Session, message: Any) -> None:
         """Run (or park) one message; a bad one costs its sender an error, never the worker."""
         try:
-            if isinstance(message, ProtocolError):  # the codec yields what it could not read
-                raise message
+            kind = type(message)
+            handler = self.handlers.get(kind)
+            if handler is None and kind is not Command:
+                if isinstance(message, ProtocolError):  # the codec yields what it could not read
+                    raise message
+                raise MalformedMessage(f"a worker does not accept {kind.__name__} messages")
             if message.sender != session.identity:
                 raise self.policy.refuse(
                     None,
                     session.identity,
                     f"send a message as {message.sender!r} (the connection is its own)",
                 )
-            kind = type(message)
-            if kind is Command:
+            if handler is None:
                 self.command(session, message)
                 return
-            handler = self.handlers.get(kind)
-            if handler is None:
-                raise MalformedMessage(f"a worker does not accept {kind.__name__} messages")
             touches = self.touches.get(kind)
             if touches is not None and self.tails:
                 reads, writes = touches(message)
-                reads.append(session.barrier)
+                if session.barrier in self.tails:
+                    reads.append(session.barrier)
                 if all(type(i) is int for i in (*reads, *writes)) and self.scheduler.blocked(reads, writes):
                     self._park(session, message, reads, writes, lambda: handler(session, message))
                     return
@@ -303,26 +334,34 @@ class Dispatch:
     def _park(
         self, session: Session, message: Any, reads: list[int], writes: list[int], run: Callable[[], Any]
     ) -> None:
-        """Run ``message`` once what it touches is no longer pending; later messages go on."""
-
-        def start(node: Node) -> None:
-            if session.closed and type(message) is not Delete:  # its sender left; a cleanup still runs
-                self.scheduler.finish(node)
-                return
-            try:
-                follow = run()
-            except Exception as exc:
-                self.report_failure(session, message, exc)
-                follow = None
-            if isinstance(follow, Node) and not follow.done:  # a job or flow: done when it is
-                follow.followers.append(node)
-                node.blockers = 1
-                node.start = self.scheduler.finish
-            else:
-                self.scheduler.finish(node)
-
+        """Run ``message`` once what it touches is no longer pending; later messages go on. A
+        message that writes its sender's barrier waits for everything that sender parked."""
         self.worker.note_waiting()
-        self.scheduler.add(Node(reads, writes, start))
+        node = _Parked(reads, writes, self, session, message, run)
+        after = list(session.parked) if session.barrier in writes else ()
+        session.parked[node] = None
+        self.scheduler.add(node, after)
+
+    def run_parked(self, node: _Parked) -> None:
+        session, message = node.session, node.message
+        if session.closed and type(message) is not Delete:  # its sender left; a cleanup still runs
+            self.finish_parked(node)
+            return
+        try:
+            follow = node.run()
+        except Exception as exc:
+            self.report_failure(session, message, exc)
+            follow = None
+        if isinstance(follow, Node) and not follow.done:  # a job or flow: done when it is
+            follow.followers.append(node)
+            node.blockers = 1
+            node.start = self.finish_parked  # type: ignore[assignment]
+        else:
+            self.finish_parked(node)
+
+    def finish_parked(self, node: _Parked) -> None:
+        node.session.parked.pop(node, None)
+        self.scheduler.finish(node)
 
     # -- commands ---------------------------------------------------------------------------
     def command(self, session: Session, message: Command) -> None:
@@ -338,14 +377,51 @@ class Dispatch:
             writes = [result_id]
             if op in self.special or (type(kwargs) is dict and "out" in kwargs):
                 writes += self._scheduled_writes(op, args, kwargs)
-            if op == "Tensor.backward":  # writes the gradients of leaves it does not name
-                writes.append(session.barrier)
-            else:
+            if op == "Tensor.backward":  # writes the gradients of leaves it does not name: after
+                writes.append(session.barrier)  # everything this sender parked, before the rest
+                if session.parked:
+                    self._park(session, message, reads, writes, lambda: self._run_parked(session, message))
+                    return
+            elif session.barrier in self.tails:
                 reads.append(session.barrier)
             if self.scheduler.blocked(reads, writes):
                 self._park(session, message, reads, writes, lambda: self._run_parked(session, message))
                 return
         self.run_command(session, message)
+
+    def _run_parked(self, session: Session, message: Command) -> Node | None:
+        """A parked command runs later: whose its result id is may have changed meanwhile."""
+        owner = self.store.owners.get(message.result_id, message.sender)
+        if owner != message.sender:
+            raise self.policy.refuse(message.result_id, message.sender, f"replace an object of {owner}")
+        return self.run_command(session, message)
+
+    def _scheduled_writes(self, op: str, args: Any, kwargs: Any) -> list[int]:
+        """What a command writes besides its result, from its message (before it runs), with
+        everything sharing storage with it: what later messages touching them must wait for."""
+        if type(args) is not list:
+            return []
+        written: list[int] = []
+        if (
+            op in INPLACE
+            or op in ("Tensor.backward", "Tensor.set_grad")
+            or (op[:2] == "F." and _inplace_flag(args, kwargs if type(kwargs) is dict else None))
+        ):
+            if args and type(args[0]) is ObjRef:
+                written.append(args[0].id)
+        elif op in GRAD_READERS or op in GRAD_CLEARERS:
+            refs_in(args, written)
+        for position in self.written_positions.get(op, ()):
+            if position < len(args):
+                refs_in(args[position], written)
+        if type(kwargs) is dict:
+            for name in ("out", "running_mean", "running_var", "weight") if op in MUTATES else ("out",):
+                if name in kwargs:
+                    refs_in(kwargs[name], written)
+        groups = self.store.groups
+        if not written or not groups:
+            return written
+        return [member for obj_id in written for member in groups.get(obj_id, (obj_id,))]
 
     def _run_parked(self, session: Session, message: Command) -> Node | None:
         """A parked command runs later: whose its result id is may have changed meanwhile."""
@@ -540,14 +616,12 @@ class Dispatch:
         elif op[:2] == "F." and _inplace_flag(args, kwargs or {}) and target is not None:
             targets = [target]
         if positions is not None:
-            for position in MUTATES.get(op, ()):
+            for position in self.written_positions.get(op, ()):
                 if position < len(positions):
                     targets += positions[position]
-            for position in getattr(self.label_rules.get(op), "targets", ()):
-                if isinstance(position, int) and position < len(positions):
-                    targets += positions[position]
-        for name in ("out", "running_mean", "running_var", "weight") if op in MUTATES else ("out",):
-            targets += kwrefs.get(name, [])
+        if kwrefs:
+            for name in ("out", "running_mean", "running_var", "weight") if op in MUTATES else ("out",):
+                targets += kwrefs.get(name, [])
         return targets
 
     def _effects(  # noqa: PLR0917 - one private call site on the hot path

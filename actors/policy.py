@@ -16,6 +16,7 @@ it never trusts a label a sender claims to *remove* restrictions: labels that ar
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any, ClassVar, NamedTuple
 
@@ -84,7 +85,14 @@ def converted(label: Label, mapping: dict[str, str]) -> Label:
     declared transform (an optimizer step, a sanitizer) turns data into something releasable."""
     if not label:
         return label
-    return frozenset(t._replace(form=mapping.get(t.form, t.form)) for t in label)
+    return _converted(label, tuple(mapping.items()))
+
+
+@functools.lru_cache(maxsize=1024)
+def _converted(label: Label, mapping: tuple[tuple[str, str], ...]) -> Label:
+    """Memoized: a walk converts the same few labels every step (labels are small and few)."""
+    forms = dict(mapping)
+    return frozenset(Taint(t.source, forms.get(t.form, t.form), t.audience) for t in label)
 
 
 def with_form(label: Label, form: str) -> Label:

@@ -106,14 +106,33 @@ class Declassify:
     when: Callable[[list[Any], dict[str, Any]], bool] | None = None
 
     def __call__(self, io: LabelIO) -> Label:
-        others = [p for p in (*range(len(io.refs)), *io.kwrefs) if p not in self.data]
-        data = io.of(*self.data)
-        if self.when is None or self.when(io.args, io.kwargs):
+        labels = io.store.labels
+        if not labels:  # nothing on this worker is labelled: nothing to carry or convert
+            return EMPTY
+        data = other = EMPTY
+        for position, refs in enumerate(io.refs):
+            for obj_id in refs:
+                own = labels.get(obj_id)
+                if own:
+                    if position in self.data:
+                        data = data | own
+                    else:
+                        other = other | own
+        for name, refs in io.kwrefs.items():
+            for obj_id in refs:
+                own = labels.get(obj_id)
+                if own:
+                    if name in self.data:
+                        data = data | own
+                    else:
+                        other = other | own
+        if data and (self.when is None or self.when(io.args, io.kwargs)):
             data = converted(data, self.mapping)
-        label = data | io.of(*others)
-        for target in self.targets:
-            io.grow(target, label)
-        return label | io.of(*self.targets)
+        label = data | other
+        if label:
+            for target in self.targets:
+                io.grow(target, label)
+        return label
 
 
 @dataclass(frozen=True)

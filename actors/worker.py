@@ -60,6 +60,8 @@ class Session:
         self.barrier = -next(_SESSION_NUMBERS)
         self._send = send
         self.closed = False
+        #: This sender's messages waiting in the dispatcher's scheduler.
+        self.parked: dict[Any, None] = {}
         #: Flows this sender started that are still running (cancelled when it leaves).
         self.flows: set[asyncio.Future[Any]] = set()
         #: Called once when the session closes (the transport tells its client the worker is gone).
