@@ -423,25 +423,6 @@ class Dispatch:
             return written
         return [member for obj_id in written for member in groups.get(obj_id, (obj_id,))]
 
-    def _run_parked(self, session: Session, message: Command) -> Node | None:
-        """A parked command runs later: whose its result id is may have changed meanwhile."""
-        owner = self.store.owners.get(message.result_id, message.sender)
-        if owner != message.sender:
-            raise self.policy.refuse(message.result_id, message.sender, f"replace an object of {owner}")
-        return self.run_command(session, message)
-
-    def _scheduled_writes(self, op: str, args: Any, kwargs: Any) -> list[int]:
-        """What a command writes besides its result, from its message (before it runs), with
-        everything sharing storage with it: what later messages touching them must wait for."""
-        if type(args) is not list:
-            return []
-        positions = [_refs_of(arg) for arg in args]
-        kwrefs = {k: refs_in(v, []) for k, v in kwargs.items()} if type(kwargs) is dict else {}
-        target = args[0].id if args and type(args[0]) is ObjRef else None
-        ids = [i for refs in positions for i in refs]
-        written = self._targets(op, target, ids, positions, kwrefs, args, kwargs)
-        return [member for obj_id in written for member in self.store.members(obj_id)]
-
     def run_command(self, session: Session, message: Command) -> Node | None:  # noqa: PLR0915 - inlined hot path
         """Execute a command now (its inputs are all present); a job or flow returns its node."""
         _, sender, result_id, op, args, kwargs = message

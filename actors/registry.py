@@ -110,19 +110,11 @@ class Declassify:
         if not labels:  # nothing on this worker is labelled: nothing to carry or convert
             return EMPTY
         data = other = EMPTY
-        for position, refs in enumerate(io.refs):
+        for position, refs in (*enumerate(io.refs), *io.kwrefs.items()):
             for obj_id in refs:
                 own = labels.get(obj_id)
                 if own:
                     if position in self.data:
-                        data = data | own
-                    else:
-                        other = other | own
-        for name, refs in io.kwrefs.items():
-            for obj_id in refs:
-                own = labels.get(obj_id)
-                if own:
-                    if name in self.data:
                         data = data | own
                     else:
                         other = other | own

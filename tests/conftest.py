@@ -8,6 +8,7 @@ must have freed their remote objects (PySyft's leaks were exactly this).
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -25,6 +26,20 @@ CREDENTIALS = Credentials.derived(CLUSTER)
 
 def secret_of(identity: str) -> str:
     return derive_secret(CLUSTER, identity)
+
+
+def bounded(seconds: float = 20.0) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Any]]:
+    """Fail a test that waits longer than ``seconds`` on the network, instead of hanging."""
+
+    def wrap(test: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+        @functools.wraps(test)
+        async def run(*args: Any, **kwargs: Any) -> Any:
+            async with asyncio.timeout(seconds):
+                return await test(*args, **kwargs)
+
+        return run
+
+    return wrap
 
 
 MakeWorker = Callable[[str], Awaitable[actors.RemoteWorker]]

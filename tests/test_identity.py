@@ -13,7 +13,6 @@ each worker under several identities and inspect the worker object behind the ne
 from __future__ import annotations
 
 import asyncio
-import functools
 import gc
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,6 +40,7 @@ from protocol import (
     WorkerLost,
     ref_ext,
 )
+from tests.conftest import bounded
 
 TRANSPORTS = ["virtual", "ws", "tcp"]
 CLUSTER = "identity-tests-cluster-secret"
@@ -51,20 +51,6 @@ MINE = torch.tensor([1.5, -2.0, 3.25, 8.0])
 
 def secret_of(identity: str) -> str:
     return derive_secret(CLUSTER, identity)
-
-
-def bounded(seconds: float = 20.0) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Any]]:
-    """Fail a test that waits longer than ``seconds`` on the network, instead of hanging."""
-
-    def wrap(test: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
-        @functools.wraps(test)
-        async def run(*args: Any, **kwargs: Any) -> Any:
-            async with asyncio.timeout(seconds):
-                return await test(*args, **kwargs)
-
-        return run
-
-    return wrap
 
 
 class Site:

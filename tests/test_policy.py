@@ -15,7 +15,6 @@ the worker object behind the network handle.
 from __future__ import annotations
 
 import asyncio
-import functools
 import gc
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -40,6 +39,7 @@ from protocol import (
     RemoteError,
     published_id,
 )
+from tests.conftest import bounded
 
 TRANSPORTS = ["virtual", "ws", "tcp"]
 CLUSTER = "policy-tests-cluster-secret"
@@ -56,20 +56,6 @@ TRAIN_Y = torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
 
 def secret_of(identity: str) -> str:
     return derive_secret(CLUSTER, identity)
-
-
-def bounded(seconds: float = 20.0) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Any]]:
-    """Fail a test that waits longer than ``seconds`` on the network, instead of hanging."""
-
-    def wrap(test: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
-        @functools.wraps(test)
-        async def run(*args: Any, **kwargs: Any) -> Any:
-            async with asyncio.timeout(seconds):
-                return await test(*args, **kwargs)
-
-        return run
-
-    return wrap
 
 
 class Site:
