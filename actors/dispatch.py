@@ -95,6 +95,10 @@ _SPECIAL = (
         for name in ("SGD", "Adam", "AdamW", "Adagrad", "Adadelta", "Adamax", "RMSprop", "NAdam", "RAdam")
     }
 )
+#: Operations that write their first argument whatever it is.
+_SELF_WRITERS = ("Tensor.backward", "Tensor.set_grad")
+#: The options through which an operation of MUTATES writes (``out=`` for any).
+_MUTATED_OPTIONS = ("out", "running_mean", "running_var", "weight")
 WITHHELD = "details withheld: the operation ran on labelled data"
 
 
@@ -401,23 +405,12 @@ class Dispatch:
         everything sharing storage with it: what later messages touching them must wait for."""
         if type(args) is not list:
             return []
-        written: list[int] = []
-        if (
-            op in INPLACE
-            or op in ("Tensor.backward", "Tensor.set_grad")
-            or (op[:2] == "F." and _inplace_flag(args, kwargs if type(kwargs) is dict else None))
-        ):
-            if args and type(args[0]) is ObjRef:
-                written.append(args[0].id)
-        elif op in GRAD_READERS or op in GRAD_CLEARERS:
-            refs_in(args, written)
-        for position in self.written_positions.get(op, ()):
-            if position < len(args):
-                refs_in(args[position], written)
-        if type(kwargs) is dict:
-            for name in ("out", "running_mean", "running_var", "weight") if op in MUTATES else ("out",):
-                if name in kwargs:
-                    refs_in(kwargs[name], written)
+        kwargs = kwargs if type(kwargs) is dict else {}
+        refs = [_refs_of(arg) for arg in args] if op in self.written_positions else None
+        kwrefs = {name: _refs_of(kwargs[name]) for name in _MUTATED_OPTIONS if name in kwargs}
+        every = refs_in(kwargs, refs_in(args, [])) if op in GRAD_READERS or op in GRAD_CLEARERS else []
+        target = args[0].id if args and type(args[0]) is ObjRef else None
+        written = self._writes(op, target, every, refs, kwrefs, args, kwargs)
         groups = self.store.groups
         if not written or not groups:
             return written
@@ -570,7 +563,7 @@ class Dispatch:
     ) -> None:
         """An in-place write must touch only the sender's own objects, through every alias: a
         view of a worker's data is still that data."""
-        targets = self._targets(op, target, ids, positions, kwrefs, args, kwargs)
+        targets = self._writes(op, target, ids, positions, kwrefs, args, kwargs)
         owners = self.store.owners
         for obj_id in targets:
             for member in self.store.members(obj_id):
@@ -578,32 +571,35 @@ class Dispatch:
                 if owner is not None and owner != sender:
                     raise self.policy.refuse(member, sender, f"write into an object of {owner}")
 
-    def _targets(  # noqa: PLR0917 - private
+    def _writes(  # noqa: PLR0917 - private
         self,
         op: str,
         target: int | None,
-        ids: list[int],
-        positions: list[list[int]] | None,
+        every: list[int],
+        refs: list[list[int]] | None,
         kwrefs: dict[str, list[int]],
         args: list[Any],
         kwargs: dict[str, Any] | None,
     ) -> list[int]:
-        """The objects an operation writes into (besides its result)."""
-        targets: list[int] = []
-        if op in INPLACE or op in ("Tensor.backward", "Tensor.set_grad"):
-            targets = [target] if target is not None else []
+        """The objects an operation writes into besides its result: its first argument
+        (``target``) when in place, every argument (``every``) when it reads or clears
+        gradients, and the positions (``refs``, per argument) and options (``kwrefs``) it is
+        declared to write. One rule for the scheduler (from the message, before the command
+        runs) and for the owner checks and labels (from the resolved arguments)."""
+        written: list[int] = []
+        if op in INPLACE or op in _SELF_WRITERS or (op[:2] == "F." and _inplace_flag(args, kwargs)):
+            if target is not None:
+                written.append(target)
         elif op in GRAD_READERS or op in GRAD_CLEARERS:
-            targets = list(ids)
-        elif op[:2] == "F." and _inplace_flag(args, kwargs or {}) and target is not None:
-            targets = [target]
-        if positions is not None:
+            written += every
+        if refs is not None:
             for position in self.written_positions.get(op, ()):
-                if position < len(positions):
-                    targets += positions[position]
+                if position < len(refs):
+                    written += refs[position]
         if kwrefs:
-            for name in ("out", "running_mean", "running_var", "weight") if op in MUTATES else ("out",):
-                targets += kwrefs.get(name, [])
-        return targets
+            for name in _MUTATED_OPTIONS if op in MUTATES else ("out",):
+                written += kwrefs.get(name, ())
+        return written
 
     def _effects(  # noqa: PLR0917 - one private call site on the hot path
         self,
@@ -674,7 +670,7 @@ class Dispatch:
         if target is not None and (op in INPLACE or (op[:2] == "F." and _inplace_flag(args, kwargs))):
             store.grow(target, label)
             label = store.label(target)
-        for obj_id in self._targets(op, None, ids, positions, kwrefs, args, kwargs):
+        for obj_id in self._writes(op, None, [], positions, kwrefs, args, kwargs):
             store.grow(obj_id, label)
         if label and (op in SHAPE_DEPENDENT or _shape_from_values(op, args, ids, store)):
             label = with_form(label, SHAPE)
@@ -809,6 +805,7 @@ class Dispatch:
         self._put(obj_id, obj, owner, label)
         if arrival is not None:
             del self.arrivals[obj_id]
+            self.worker.unwatch(arrival)
             self.scheduler.finish(arrival)
 
     def _hold_unclaimed(self, obj_id: int, sender: str, message: Store) -> None:

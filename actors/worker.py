@@ -315,6 +315,11 @@ class Worker:
         if self._watchdog is None:
             self._watchdog = asyncio.get_running_loop().call_at(arrival.deadline, self._expire_waits)
 
+    def unwatch(self, arrival: Arrival) -> None:
+        """It came: forget its deadline now, not when the watchdog next looks (a walk announces
+        an object per step; kept for the whole timeout they pile up in the collector's way)."""
+        self._deadlines.pop(arrival, None)
+
     def _expire_waits(self) -> None:
         self._watchdog = None
         loop = asyncio.get_running_loop()
