@@ -23,7 +23,7 @@ import torch
 
 import actors
 from protocol import Kind, ref_ext
-from runners.cluster import local_cluster
+from runners.cluster import local_cluster, settled_heap
 
 #: Operations per timed run; large enough that loop wake-ups amortize as they do in real use.
 OPS = 20_000
@@ -100,11 +100,12 @@ async def bench_pointers(repeats: int = 7) -> dict[str, float]:
     """Per-operation cost of pointer tensors on a virtual worker, beside its floors."""
     worker = actors.VirtualWorker("bench")
     try:
-        local = await _runs(lambda: _local_op(OPS), repeats)
-        floor = await _runs(lambda: _floor_op(OPS, execute=True), repeats)
-        hop = await _runs(lambda: _floor_op(OPS, execute=False), repeats)
-        pipelined = await _runs(lambda: _pipelined_op(worker, OPS), repeats)
-        awaited = await _runs(lambda: _awaited_op(worker, AWAITED_OPS), repeats)
+        with settled_heap():  # the floors and the pointers alike
+            local = await _runs(lambda: _local_op(OPS), repeats)
+            floor = await _runs(lambda: _floor_op(OPS, execute=True), repeats)
+            hop = await _runs(lambda: _floor_op(OPS, execute=False), repeats)
+            pipelined = await _runs(lambda: _pipelined_op(worker, OPS), repeats)
+            awaited = await _runs(lambda: _awaited_op(worker, AWAITED_OPS), repeats)
     finally:
         await worker.close()
     return {
