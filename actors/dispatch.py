@@ -143,7 +143,10 @@ class Scheduler:
         """Register ``node`` behind what it depends on (and ``after``); start it now if that
         is nothing."""
         tails = self.tails
-        before: dict[Node, None] = dict.fromkeys(other for other in after if not other.done)
+        before: dict[Node, None] = {}
+        for other in after:
+            if not other.done:
+                before[other] = None
         writes = node.writes
         for obj_id in node.reads:
             if obj_id in writes:
@@ -212,24 +215,18 @@ def _nothing(node: Node) -> None:
 
 
 class _Parked(Node):
-    """A message waiting for what it touches."""
+    """A message waiting for what it touches; ``handler(session, message)`` runs it."""
 
-    __slots__ = ("dispatch", "session", "message", "run")
+    __slots__ = ("session", "message", "handler")
 
     def __init__(  # noqa: PLR0917 - one call site
-        self, reads: list[int], writes: list[int], dispatch: Dispatch, session: Session, message: Any,
-        run: Callable[[], Any],
+        self, reads: list[int], writes: list[int], start: Callable[[Node], None], session: Session,
+        message: Any, handler: Callable[[Session, Any], Any],
     ) -> None:  # fmt: skip
-        super().__init__(reads, writes, _start_parked)
-        self.dispatch = dispatch
+        super().__init__(reads, writes, start)
         self.session = session
         self.message = message
-        self.run = run
-
-
-def _start_parked(node: Node) -> None:
-    assert isinstance(node, _Parked)
-    node.dispatch.run_parked(node)
+        self.handler = handler
 
 
 def refs_in(value: Any, out: list[int]) -> list[int]:
@@ -323,8 +320,12 @@ class Dispatch:
                 reads, writes = touches(message)
                 if session.barrier in self.tails:
                     reads.append(session.barrier)
-                if all(type(i) is int for i in (*reads, *writes)) and self.scheduler.blocked(reads, writes):
-                    self._park(session, message, reads, writes, lambda: handler(session, message))
+                try:
+                    blocked = self.scheduler.blocked(reads, writes)
+                except TypeError:  # an id that is not even hashable: the handler says what is wrong
+                    blocked = False
+                if blocked:
+                    self._park(session, message, reads, writes, handler)
                     return
             handler(session, message)
         except Exception as exc:
@@ -336,12 +337,13 @@ class Dispatch:
         session.error(msg_id or 0, WireError.from_exception(exc))
 
     def _park(
-        self, session: Session, message: Any, reads: list[int], writes: list[int], run: Callable[[], Any]
-    ) -> None:
+        self, session: Session, message: Any, reads: list[int], writes: list[int],
+        handler: Callable[[Session, Any], Any],
+    ) -> None:  # fmt: skip
         """Run ``message`` once what it touches is no longer pending; later messages go on. A
         message that writes its sender's barrier waits for everything that sender parked."""
         self.worker.note_waiting()
-        node = _Parked(reads, writes, self, session, message, run)
+        node = _Parked(reads, writes, self.run_parked, session, message, handler)  # type: ignore[arg-type]
         after = list(session.parked) if session.barrier in writes else ()
         session.parked[node] = None
         self.scheduler.add(node, after)
@@ -352,7 +354,7 @@ class Dispatch:
             self.finish_parked(node)
             return
         try:
-            follow = node.run()
+            follow = node.handler(session, message)
         except Exception as exc:
             self.report_failure(session, message, exc)
             follow = None
@@ -362,6 +364,8 @@ class Dispatch:
             node.start = self.finish_parked  # type: ignore[assignment]
         else:
             self.finish_parked(node)
+        if self.tails:  # more is parked: what it waits for is likely moments away again
+            self.worker.note_waiting()
 
     def finish_parked(self, node: _Parked) -> None:
         node.session.parked.pop(node, None)
@@ -384,12 +388,12 @@ class Dispatch:
             if op == "Tensor.backward":  # writes the gradients of leaves it does not name: after
                 writes.append(session.barrier)  # everything this sender parked, before the rest
                 if session.parked:
-                    self._park(session, message, reads, writes, lambda: self._run_parked(session, message))
+                    self._park(session, message, reads, writes, self._run_parked)
                     return
             elif session.barrier in self.tails:
                 reads.append(session.barrier)
             if self.scheduler.blocked(reads, writes):
-                self._park(session, message, reads, writes, lambda: self._run_parked(session, message))
+                self._park(session, message, reads, writes, self._run_parked)
                 return
         self.run_command(session, message)
 
