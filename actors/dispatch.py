@@ -373,12 +373,14 @@ class Dispatch:
 
     # -- commands ---------------------------------------------------------------------------
     def command(self, session: Session, message: Command) -> None:
+        """Run a command now, or park it behind what it touches (the session calls
+        :meth:`run_command` itself while nothing is pending)."""
         _, sender, result_id, op, args, kwargs = message
-        if type(result_id) is not int:
-            raise MalformedMessage("a command's result id must be an integer")
-        if result_id > RANDOM_ID_LIMIT or self.store.owners.get(result_id, sender) != sender:
-            self.check_may_write(result_id, sender)
         if self.tails:
+            if type(result_id) is not int:
+                raise MalformedMessage("a command's result id must be an integer")
+            if result_id > RANDOM_ID_LIMIT or self.store.owners.get(result_id, sender) != sender:
+                self.check_may_write(result_id, sender)  # refused now, not after it waited
             reads = refs_in(args, []) if type(args) is list else []
             if kwargs:
                 refs_in(kwargs, reads)
@@ -388,21 +390,14 @@ class Dispatch:
             if op == "Tensor.backward":  # writes the gradients of leaves it does not name: after
                 writes.append(session.barrier)  # everything this sender parked, before the rest
                 if session.parked:
-                    self._park(session, message, reads, writes, self._run_parked)
+                    self._park(session, message, reads, writes, self.run_command)
                     return
             elif session.barrier in self.tails:
                 reads.append(session.barrier)
             if self.scheduler.blocked(reads, writes):
-                self._park(session, message, reads, writes, self._run_parked)
+                self._park(session, message, reads, writes, self.run_command)
                 return
         self.run_command(session, message)
-
-    def _run_parked(self, session: Session, message: Command) -> Node | None:
-        """A parked command runs later: whose its result id is may have changed meanwhile."""
-        owner = self.store.owners.get(message.result_id, message.sender)
-        if owner != message.sender:
-            raise self.policy.refuse(message.result_id, message.sender, f"replace an object of {owner}")
-        return self.run_command(session, message)
 
     def _scheduled_writes(self, op: str, args: Any, kwargs: Any) -> list[int]:
         """What a command writes besides its result, from its message (before it runs), with
@@ -421,10 +416,16 @@ class Dispatch:
         return [member for obj_id in written for member in groups.get(obj_id, (obj_id,))]
 
     def run_command(self, session: Session, message: Command) -> Node | None:  # noqa: PLR0915 - inlined hot path
-        """Execute a command now (its inputs are all present); a job or flow returns its node."""
+        """Execute a command now (its inputs are all present); a job or flow returns its node.
+        Whose its result id is is checked here, when it runs: a parked command's may have
+        changed hands while it waited."""
         _, sender, result_id, op, args, kwargs = message
         store = self.store
         objects, owners, labels = store.objects, store.owners, store.labels
+        if type(result_id) is not int:
+            raise MalformedMessage("a command's result id must be an integer")
+        if result_id > RANDOM_ID_LIMIT or owners.get(result_id, sender) != sender:
+            self.check_may_write(result_id, sender)
         label = EMPTY
         ids: list[int] = []
         spec: CommandSpec | None = None

@@ -98,7 +98,10 @@ class Session:
                     trace("message", msg_id=message.msg_id, kind=type(message).__name__, sender=identity)
                 if type(message) is Command and message.sender == identity:  # most messages
                     try:
-                        dispatch.command(self, message)
+                        if dispatch.tails:
+                            dispatch.command(self, message)
+                        else:  # nothing pending: nothing to wait for
+                            dispatch.run_command(self, message)
                     except Exception as exc:  # a bad message costs its sender an error, never the worker
                         dispatch.report_failure(self, message, exc)
                 else:

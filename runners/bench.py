@@ -39,6 +39,18 @@ async def _runs(fn: Callable[[], Awaitable[float]], repeats: int) -> float:
     return _median_us([await fn() for _ in range(repeats)])
 
 
+async def _rounds(measures: dict[str, Callable[[], Awaitable[float]]], repeats: int) -> dict[str, float]:
+    """Median microseconds of each measure, taken in rounds of one run of each: on a shared host
+    the speed drifts between blocks of runs, and a figure and its reference must share it."""
+    for fn in measures.values():
+        await fn()  # warm-up: allocator, caches, lazy imports
+    samples: dict[str, list[float]] = {name: [] for name in measures}
+    for _ in range(repeats):
+        for name, fn in measures.items():
+            samples[name].append(await fn())
+    return {name: _median_us(runs) for name, runs in samples.items()}
+
+
 async def _local_op(n: int) -> float:
     x = torch.ones(4)
     start = time.perf_counter()
@@ -101,19 +113,25 @@ async def bench_pointers(repeats: int = 7) -> dict[str, float]:
     worker = actors.VirtualWorker("bench")
     try:
         with settled_heap():  # the floors and the pointers alike
-            local = await _runs(lambda: _local_op(OPS), repeats)
-            floor = await _runs(lambda: _floor_op(OPS, execute=True), repeats)
-            hop = await _runs(lambda: _floor_op(OPS, execute=False), repeats)
-            pipelined = await _runs(lambda: _pipelined_op(worker, OPS), repeats)
-            awaited = await _runs(lambda: _awaited_op(worker, AWAITED_OPS), repeats)
+            figures = await _rounds(
+                {
+                    "local": lambda: _local_op(OPS),
+                    "floor": lambda: _floor_op(OPS, execute=True),
+                    "hop": lambda: _floor_op(OPS, execute=False),
+                    "pipelined": lambda: _pipelined_op(worker, OPS),
+                    "awaited": lambda: _awaited_op(worker, AWAITED_OPS),
+                },
+                repeats,
+            )
     finally:
         await worker.close()
+    local, pipelined = figures["local"], figures["pipelined"]
     return {
         "local_op_us": local,
         "pipelined_op_us": pipelined,
-        "awaited_op_us": awaited,
-        "floor_op_us": floor,
-        "floor_hop_us": hop,
+        "awaited_op_us": figures["awaited"],
+        "floor_op_us": figures["floor"],
+        "floor_hop_us": figures["hop"],
         "pipelined_ops_per_s": 1e6 / pipelined,
         "overhead_op_us": pipelined - local,
     }
