@@ -110,7 +110,10 @@ class _DependencyFailed(Exception):
 # -- the scheduler ----------------------------------------------------------------------------
 class Node:
     """Something later messages may have to wait for: a parked message, a job, a flow, or an
-    object announced by EXPECT. ``start`` runs when nothing it depends on is pending."""
+    object announced by EXPECT. ``start`` runs when nothing it depends on is pending.
+
+    Reads of a worker's own data (published ids) are not tracked: no message may write it, so
+    nothing orders against them (a walk's steps all read the same shard)."""
 
     __slots__ = ("reads", "writes", "followers", "blockers", "start", "done")
 
@@ -134,6 +137,8 @@ class Scheduler:
     def blocked(self, reads: Iterable[int], writes: Iterable[int]) -> bool:
         tails = self.tails
         for obj_id in reads:
+            if obj_id > RANDOM_ID_LIMIT:  # a worker's own data: no message writes it
+                continue
             entry = tails.get(obj_id)
             if entry is not None and entry[0] is not None:
                 return True
@@ -149,7 +154,7 @@ class Scheduler:
                 before[other] = None
         writes = node.writes
         for obj_id in node.reads:
-            if obj_id in writes:
+            if obj_id in writes or obj_id > RANDOM_ID_LIMIT:
                 continue
             entry = tails.get(obj_id)
             if entry is None:
@@ -203,7 +208,9 @@ class Arrival(Node):
     __slots__ = ("obj_id", "owner", "source", "deadline")
 
     def __init__(self, obj_id: int, owner: str, source: str, deadline: float) -> None:
-        super().__init__((), (obj_id,), _nothing)
+        self.reads, self.writes, self.start = (), (obj_id,), _nothing  # Node's, inline: one per EXPECT
+        self.followers: list[Node] = []
+        self.blockers, self.done = 0, False
         self.obj_id = obj_id
         self.owner = owner
         self.source = source
@@ -223,7 +230,9 @@ class _Parked(Node):
         self, reads: list[int], writes: list[int], start: Callable[[Node], None], session: Session,
         message: Any, handler: Callable[[Session, Any], Any],
     ) -> None:  # fmt: skip
-        super().__init__(reads, writes, start)
+        self.reads, self.writes, self.start = reads, writes, start  # Node's, inline: one per parked message
+        self.followers: list[Node] = []
+        self.blockers, self.done = 0, False
         self.session = session
         self.message = message
         self.handler = handler
@@ -322,9 +331,9 @@ class Dispatch:
                     reads.append(session.barrier)
                 try:
                     blocked = self.scheduler.blocked(reads, writes)
-                except TypeError:  # an id that is not even hashable: the handler says what is wrong
+                except TypeError:  # an id that is not even a number: the handler says what is wrong
                     blocked = False
-                if blocked:
+                if blocked and all(type(i) is int for i in (*reads, *writes)):
                     self._park(session, message, reads, writes, handler)
                     return
             handler(session, message)
