@@ -190,6 +190,20 @@ class Policy:
     def declare(self, source: str, releases: Iterable[Release]) -> None:
         self.releases[source] = tuple(releases)
 
+    def public(self) -> Label:
+        """The taints some declared release lets go to anyone, whatever the object: a value
+        whose every taint is one of these is as free as unlabelled data (its shape too: the
+        value itself may go), so the store drops them where they arise. Only releases that
+        decide by form and audience alone count (a release that consults state, a budget,
+        keeps its taints)."""
+        return frozenset(
+            Taint(source, form)
+            for source, releases in self.releases.items()
+            for release in releases
+            if release.to is None and type(release).allows is Release.allows
+            for form in release.forms
+        )
+
     def refuse(self, obj_id: int | None, requester: str, rule: str) -> PermissionDenied:
         """The error for a refusal, logged by the owner."""
         self.refusals += 1

@@ -37,7 +37,7 @@ _MISSING: Any = object()
 class ObjectStore:
     """Objects by id, their owners and labels, and which of them share storage."""
 
-    __slots__ = ("objects", "owners", "labels", "grad_labels", "groups")
+    __slots__ = ("objects", "owners", "labels", "grad_labels", "groups", "public")
 
     def __init__(self) -> None:
         self.objects: dict[int, Any] = {}
@@ -45,6 +45,9 @@ class ObjectStore:
         self.labels: dict[int, Label] = {}
         self.grad_labels: dict[int, Label] = {}
         self.groups: dict[int, set[int]] = {}
+        #: Taints this worker's owners let go to anyone (see :meth:`Policy.public`): they
+        #: restrict nothing, so they are dropped where they arise, as they are when they leave.
+        self.public: Label = EMPTY
 
     def __len__(self) -> int:
         return len(self.objects)
@@ -59,6 +62,8 @@ class ObjectStore:
         self.grad_labels.pop(obj_id, None)
         self.objects[obj_id] = value
         self.owners[obj_id] = owner
+        if label and self.public and not label.isdisjoint(self.public):
+            label = label - self.public
         if label:
             self.labels[obj_id] = label
         elif self.labels:
@@ -110,6 +115,8 @@ class ObjectStore:
 
     def grow(self, obj_id: int, label: Label) -> None:
         """Add ``label`` to the object and to everything sharing its storage."""
+        if label and self.public and not label.isdisjoint(self.public):
+            label = label - self.public
         if not label:
             return
         labels = self.labels
@@ -119,6 +126,8 @@ class ObjectStore:
                 labels[member] = old | label if old else label
 
     def grow_grad(self, obj_id: int, label: Label) -> None:
+        if label and self.public and not label.isdisjoint(self.public):
+            label = label - self.public
         if label:
             old = self.grad_labels.get(obj_id)
             self.grad_labels[obj_id] = old | label if old else label

@@ -293,6 +293,7 @@ class Worker:
         if declared is not None and declared != releases:
             raise ValueError(f"{source} was published with other releases: {declared}")
         self.policy.declare(source, releases)
+        self.store.public = self.policy.public()
         obj_id = published_id(name)
         public = any(isinstance(r, Public) and r.to is None for r in releases)
         label = frozenset() if public else frozenset({Taint(source, "raw")})

@@ -693,3 +693,33 @@ async def test_a_loss_of_the_data_itself_is_not_a_training_loss(site: Site) -> N
     loss = F.l1_loss(q, site.mine(torch.full((2, 4), -1000.0)), reduction="sum")
     with pytest.raises(PermissionDenied):
         await loss.get()
+
+
+@bounded()
+async def test_updates_released_to_anyone_carry_no_label_and_to_some_keep_theirs(site: Site) -> None:
+    """A taint its owner lets go to anyone restricts nothing, so the store drops it where it
+    arises (a walk then pays nothing for labels after each step); a release to named
+    identities keeps its taint, and the trained model still cannot go anywhere else."""
+    worker = site.workers["bob"]
+    only_me = [ModelUpdates(to=["me"])]
+    worker.publish("mine/x", TRAIN_X.clone(), releases=only_me)
+    worker.publish("mine/y", TRAIN_Y.clone(), releases=only_me)
+    trained = {}
+    for dataset in ("train", "mine"):
+        w = actors.send(torch.zeros(3, 1, requires_grad=True), site.bob)
+        x, y = site.bob.published(f"{dataset}/x"), site.bob.published(f"{dataset}/y")
+        loss = F.mse_loss(x @ w, y)
+        loss.backward()
+        actors.RemoteOptimizer(torch.optim.SGD, [w], lr=0.1).step(zero_grad=True)
+        await w
+        trained[dataset] = (w, loss)
+    labels = worker.store.labels
+    w, loss = trained["train"]
+    assert w.id not in labels and loss.id not in labels
+    w, loss = trained["mine"]
+    assert {t.form for t in labels[w.id]} == {"update"} and {t.form for t in labels[loss.id]} == {"update"}
+    torch.testing.assert_close(await loss.get(), await trained["train"][1].get())  # same data, same loss
+    moved = w.move(site.eve)  # to "me" only: not to a worker the leader controls
+    with pytest.raises(PermissionDenied):
+        await moved.get()
+    await assert_intact(site)
