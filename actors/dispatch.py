@@ -351,7 +351,8 @@ class Dispatch:
     ) -> None:  # fmt: skip
         """Run ``message`` once what it touches is no longer pending; later messages go on. A
         message that writes its sender's barrier waits for everything that sender parked."""
-        self.worker.note_waiting()
+        if self.worker.spin:
+            self.worker.note_waiting()
         node = _Parked(reads, writes, self.run_parked, session, message, handler)  # type: ignore[arg-type]
         after = list(session.parked) if session.barrier in writes else ()
         session.parked[node] = None
@@ -373,7 +374,7 @@ class Dispatch:
             node.start = self.finish_parked  # type: ignore[assignment]
         else:
             self.finish_parked(node)
-        if self.tails:  # more is parked: what it waits for is likely moments away again
+        if self.tails and self.worker.spin:  # more is parked: what it waits for is likely moments away
             self.worker.note_waiting()
 
     def finish_parked(self, node: _Parked) -> None:
@@ -414,7 +415,7 @@ class Dispatch:
         if type(args) is not list:
             return []
         kwargs = kwargs if type(kwargs) is dict else {}
-        refs = [_refs_of(arg) for arg in args] if op in self.written_positions else None
+        refs = _positions(args) if op in self.written_positions else None
         kwrefs = {name: _refs_of(kwargs[name]) for name in _MUTATED_OPTIONS if name in kwargs}
         every = refs_in(kwargs, refs_in(args, [])) if op in GRAD_READERS or op in GRAD_CLEARERS else []
         target = args[0].id if args and type(args[0]) is ObjRef else None
@@ -451,7 +452,7 @@ class Dispatch:
             special = op in self.special
             if special:
                 if op in self.label_rules or op in MUTATES:
-                    positions = [_refs_of(arg) for arg in args]
+                    positions = _positions(args)
                 if args and type(args[0]) is ObjRef:
                     target = args[0].id
             wid = self.worker.id
@@ -982,6 +983,14 @@ def _inplace_flag(args: list[Any], kwargs: dict[str, Any] | None) -> bool:
     if kwargs and kwargs.get("inplace") is True:
         return True
     return any(arg is True for arg in args[1:])
+
+
+def _positions(args: list[Any]) -> list[list[int]]:
+    """The object ids each argument names (``_refs_of`` of each, inline: it runs every step)."""
+    return [
+        [arg.id] if type(arg) is ObjRef else refs_in(arg, []) if type(arg) in _CONTAINERS else []
+        for arg in args
+    ]
 
 
 def _refs_of(arg: Any) -> list[int]:

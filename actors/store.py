@@ -59,7 +59,8 @@ class ObjectStore:
         """Store (or replace) an object; a replaced object leaves its storage group."""
         if obj_id in self.groups:
             self._ungroup(obj_id)
-        self.grad_labels.pop(obj_id, None)
+        if self.grad_labels:
+            self.grad_labels.pop(obj_id, None)
         self.objects[obj_id] = value
         self.owners[obj_id] = owner
         if label and self.public and not label.isdisjoint(self.public):
