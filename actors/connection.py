@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 from actors.log import get_logger
@@ -21,6 +23,7 @@ from protocol import (
     Kind,
     Ping,
     Reply,
+    Store,
     SyftError,
     WireError,
     WorkerLost,
@@ -33,6 +36,8 @@ BATCH_BYTES = 1 << 20
 _COMMAND = int(Kind.COMMAND)
 #: Failure reports kept for pointers that have not asked yet.
 MAX_UNRETRIEVED = 256
+#: Recent moves remembered in case their source reports them undeliverable.
+MAX_FORWARDED = 4096
 
 
 class Connection:
@@ -75,6 +80,12 @@ class Connection:
         self.log = get_logger(worker=local_id, peer=remote_id)
         #: Messages held until the worker proved to be ``expect_id`` (see :meth:`_verify`).
         self._held: list[Any] | None = None
+        #: Whether the worker has answered (a link that never did may not have carried anything).
+        self.usable = expect_id is None
+        self._unreached: list[Callable[[BaseException], None]] = []
+        #: Objects moved away from this worker by id, to the connection of the worker they went
+        #: to: a report that one could not be delivered is turned into its failure there.
+        self.forwarded: dict[int, Connection] = {}
         transport.start(self._on_frame, self._on_lost)
         if expect_id is not None:
             self._verify(expect_id)
@@ -99,10 +110,19 @@ class Connection:
                 )
                 self._closing = self.loop.create_task(self.transport.close())
                 return
+            self.usable, self._unreached = True, []
             if held:
                 self.tell_all(held)
 
         answer.add_done_callback(verified)
+
+    def when_unreached(self, callback: Callable[[BaseException], None]) -> None:
+        """Call ``callback`` with the reason if this link is lost before the worker answered
+        (so nothing sent on it can have been served)."""
+        if self.lost is not None and not self.usable:
+            callback(self.lost)
+        elif not self.usable:
+            self._unreached.append(callback)
 
     @property
     def address(self) -> str:
@@ -228,6 +248,14 @@ class Connection:
         await self.transport.close()
         self._on_lost(WorkerLost(f"connection to {self.remote_id} closed"))
 
+    def _named(self, exc: BaseException) -> WorkerLost:
+        """The loss, naming the worker and where it was: whoever waits learns which one left."""
+        reason = str(exc) or type(exc).__name__
+        who = self.remote_id if self.remote_id != self.address else "worker"
+        lost = WorkerLost(f"lost {who} at {self.address}: {reason}")
+        lost.worker, lost.address = (self.remote_id if who != "worker" else None), self.address
+        return lost
+
     # -- receiving --------------------------------------------------------------------------
     def _on_frame(self, frame: Buffer) -> None:
         try:
@@ -251,6 +279,8 @@ class Connection:
             if future is not None:
                 if not future.done():
                     future.set_exception(error)
+            elif type(message.failed_id) is int and message.failed_id in self.forwarded:
+                self._failed_forward(message.failed_id, error)
             elif type(message.failed_id) is int:
                 # Kept until a pointer asks or is dropped. A pointer dropped before its report
                 # came would leave it here forever: the oldest are logged and let go.
@@ -267,10 +297,30 @@ class Connection:
         else:
             self.log.warning("unexpected message from worker", kind=kind.__name__, msg_id=message.msg_id)
 
+    def moved(self, new_id: int, destination: Connection) -> None:
+        """``new_id`` is on its way from this worker to ``destination`` (see :attr:`forwarded`);
+        reports come at once if at all, so only the latest few are kept."""
+        self.forwarded[new_id] = destination
+        if len(self.forwarded) > MAX_FORWARDED:
+            del self.forwarded[next(iter(self.forwarded))]
+
+    def _failed_forward(self, obj_id: int, error: SyftError) -> None:
+        """The object never left for its destination: its pointer (there now) fails with the
+        reason, and so does whatever waits for it there. This side announced it, so this side
+        may deliver the failure in its place."""
+        destination = self.forwarded.pop(obj_id)
+        destination._failures[obj_id] = error
+        wire = WireError(type(error).__name__, str(error), "", obj_id)
+        with contextlib.suppress(SyftError):  # that worker is gone too: its own loss tells
+            destination.tell(Store(destination.next_id(), destination.local_id, obj_id, wire, None, None))
+
     def _on_lost(self, exc: BaseException) -> None:
         if self.lost is None:
-            self.lost = exc if isinstance(exc, SyftError) else WorkerLost(f"lost {self.remote_id}: {exc}")
+            self.lost = exc if isinstance(exc, AuthenticationFailed) else self._named(exc)
         pending, self._pending = self._pending, {}
         for future in pending.values():
             if not future.done():
                 future.set_exception(self.lost)
+        unreached, self._unreached = self._unreached, []
+        for callback in unreached:
+            callback(self.lost)

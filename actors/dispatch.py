@@ -115,15 +115,19 @@ class Node:
     Reads of a worker's own data (published ids) are not tracked: no message may write it, so
     nothing orders against them (a walk's steps all read the same shard)."""
 
-    __slots__ = ("reads", "writes", "followers", "blockers", "start", "done")
+    __slots__ = ("reads", "writes", "followers", "blockers", "start", "done", "owner")
 
-    def __init__(self, reads: Iterable[int], writes: Iterable[int], start: Callable[[Node], None]) -> None:
+    def __init__(
+        self, reads: Iterable[int], writes: Iterable[int], start: Callable[[Node], None], owner: str
+    ) -> None:
         self.writes = writes
         self.reads = reads
         self.followers: list[Node] = []
         self.blockers = 0
         self.start = start
         self.done = False
+        #: Whose the objects it writes will be: nobody else may queue behind them.
+        self.owner = owner
 
 
 class Scheduler:
@@ -205,7 +209,7 @@ class Scheduler:
 class Arrival(Node):
     """An object announced by EXPECT: owned by ``owner``, deliverable only by ``source``."""
 
-    __slots__ = ("obj_id", "owner", "source", "deadline")
+    __slots__ = ("obj_id", "source", "deadline")
 
     def __init__(self, obj_id: int, owner: str, source: str, deadline: float) -> None:
         self.reads, self.writes, self.start = (), (obj_id,), _nothing  # Node's, inline: one per EXPECT
@@ -233,6 +237,7 @@ class _Parked(Node):
         self.reads, self.writes, self.start = reads, writes, start  # Node's, inline: one per parked message
         self.followers: list[Node] = []
         self.blockers, self.done = 0, False
+        self.owner = session.identity
         self.session = session
         self.message = message
         self.handler = handler
@@ -270,6 +275,8 @@ class Dispatch:
         self.arrivals: dict[int, Arrival] = {}
         #: STOREs a peer made on another identity's behalf before that identity announced them.
         self.unclaimed: dict[tuple[int, str], Store] = {}
+        #: Announced objects that never came: their owner and failure, oldest first, bounded.
+        self.failures: dict[int, tuple[str, Failure]] = {}
         #: Wire name -> callable run inline with no context: the torch allowlist, and
         #: registered plain commands that need no context.
         self.fast: dict[str, Callable[..., Any]] = dict(COMMANDS)
@@ -350,13 +357,32 @@ class Dispatch:
         handler: Callable[[Session, Any], Any],
     ) -> None:  # fmt: skip
         """Run ``message`` once what it touches is no longer pending; later messages go on. A
-        message that writes its sender's barrier waits for everything that sender parked."""
+        message that writes its sender's barrier waits for everything that sender parked.
+
+        Only behind what is, or will be, the sender's own (or the worker's): a message that
+        names another identity's object would fail when it runs, and queued meanwhile it would
+        hold up that owner's own messages for as long as the sender keeps it waiting."""
+        identity, wid = session.identity, self.worker.id
+        for obj_id in (*reads, *writes):
+            owner = self.owner_to_be(obj_id)
+            if owner is not None and owner != identity and owner != wid:  # noqa: PLR1714 - hot
+                raise self.policy.refuse(obj_id, identity, f"use an object of {owner}")
         if self.worker.spin:
             self.worker.note_waiting()
         node = _Parked(reads, writes, self.run_parked, session, message, handler)  # type: ignore[arg-type]
         after = list(session.parked) if session.barrier in writes else ()
         session.parked[node] = None
         self.scheduler.add(node, after)
+
+    def owner_to_be(self, obj_id: int) -> str | None:
+        """Whose ``obj_id`` is, or will be once what is pending on it is done (``None``: unknown,
+        or a session barrier)."""
+        owner = self.store.owners.get(obj_id)
+        if owner is None:
+            entry = self.tails.get(obj_id)
+            if entry is not None and entry[0] is not None:
+                owner = entry[0].owner
+        return owner
 
     def run_parked(self, node: _Parked) -> None:
         session, message = node.session, node.message
@@ -461,7 +487,7 @@ class Dispatch:
                     obj_id = arg.id
                     value = objects.get(obj_id, _MISSING)
                     if value is _MISSING:
-                        raise ObjectNotFound(f"object {obj_id!r} not found")
+                        raise self.missing(obj_id, sender)
                     owner = owners[obj_id]
                     if owner != sender and owner != wid:  # noqa: PLR1714 - no tuple per argument
                         raise self.policy.refuse(obj_id, sender, f"use an object of {owner}")
@@ -534,7 +560,7 @@ class Dispatch:
             if kind is ObjRef:
                 obj = store.objects.get(value.id, _MISSING)
                 if obj is _MISSING:
-                    raise ObjectNotFound(f"object {value.id!r} not found")
+                    raise self.missing(value.id, sender)
                 owner = store.owners[value.id]
                 if owner not in (sender, wid):
                     raise self.policy.refuse(value.id, sender, f"use an object of {owner}")
@@ -720,7 +746,7 @@ class Dispatch:
             else functools.partial(spec.fn, *args, **kwargs)
         )
         reads = refs_in(message.args, []) if type(message.args) is list else []
-        node = Node(reads, [result_id], _nothing)
+        node = Node(reads, [result_id], _nothing, sender)
 
         def finish(result: Any, exc: BaseException | None) -> None:
             if exc is not None:
@@ -841,9 +867,13 @@ class Dispatch:
             raise MalformedMessage(f"object ids are integers, got {type(obj_id).__name__}")
         value = self.store.objects.get(obj_id, _MISSING)
         if value is _MISSING:
-            session.error(
-                message.msg_id, WireError.from_exception(ObjectNotFound(f"object {obj_id!r} not found"))
-            )
+            why = self.missing(obj_id, requester)
+            if isinstance(why, _DependencyFailed):  # its announcement failed: that is the answer
+                session.error(message.msg_id, why.failure.error)
+                if message.mode == GetMode.RELEASE:
+                    self.failures.pop(obj_id, None)
+            else:
+                session.error(message.msg_id, WireError.from_exception(why))
             return
         owner = self.store.owners[obj_id]
         if owner not in (requester, self.worker.id):
@@ -893,30 +923,24 @@ class Dispatch:
         requester = session.identity
         if message.dest_id == self.worker.id:  # what is released to this worker stays here
             raise self.policy.refuse(None, requester, f"forward to {self.worker.id} itself")
-        peer = self.worker.peer(message.dest_id, message.dest_address)
-        stores = []
-        released = []
-        for obj_id, new_id in zip(obj_ids, new_ids, strict=True):
-            label: Label = EMPTY
-            try:
-                value = self.store.get(obj_id) if type(obj_id) is int else None
-                if value is None:
-                    raise MalformedMessage("object ids are integers")
-                owner = self.store.owners[obj_id]
-                if owner not in (requester, self.worker.id):
-                    raise self.policy.refuse(obj_id, requester, f"move an object of {owner}")
-                label = self.policy.check_leave(
-                    obj_id, self.store.leaving_label(obj_id), requester, message.dest_id
-                )
-                if owner == requester:
-                    released.append(obj_id)
-            except (ObjectNotFound, PermissionDenied, MalformedMessage) as exc:
-                value = Failure(WireError.from_exception(exc, obj_id))
-                session.error(message.msg_id, value.error)
-            payload = value.error if type(value) is Failure else value
-            stores.append(
-                Store(peer.next_id(), self.worker.id, new_id, payload, requester, label_to_wire(label))
-            )
+        try:
+            peer = self.worker.peer(message.dest_id, message.dest_address)
+        except Exception as exc:  # an address no transport can even dial
+            self._undeliverable(session, message, exc)
+            return
+        released: list[int] = []
+        stores = [
+            self._outgoing(session, message, obj_id, new_id, peer.next_id(), released)
+            for obj_id, new_id in zip(obj_ids, new_ids, strict=True)
+        ]
+        if message.release:  # moved, delivered or not: the sender's pointer follows the new id
+            for obj_id in released:
+                self.store.drop(obj_id)
+        if peer.lost is not None:
+            self._undeliverable(session, message, peer.lost)
+            return
+        if not peer.usable:  # still dialling: if it never gets through, the sender hears why
+            peer.when_unreached(functools.partial(self._undeliverable, session, message))
         try:
             peer.tell_all(stores)  # a whole model crosses in one frame
         except Exception:  # some value cannot travel: send each alone, failures as failures
@@ -925,9 +949,49 @@ class Dispatch:
                     peer.tell(store)
                 except Exception as exc:
                     peer.tell(store._replace(obj=WireError.from_exception(exc, store.obj_id), label=None))
-        if message.release:
-            for obj_id in released:
-                self.store.drop(obj_id)
+
+    def _outgoing(  # noqa: PLR0917 - one call site
+        self, session: Session, message: Forward, obj_id: Any, new_id: Any, msg_id: int, released: list[int]
+    ) -> Store:
+        """The STORE that carries one forwarded object (or the reason it cannot go) on."""
+        requester = session.identity
+        label: Label = EMPTY
+        try:
+            if type(obj_id) is not int:
+                raise MalformedMessage("object ids are integers")
+            value = self.store.objects.get(obj_id, _MISSING)
+            if value is _MISSING:
+                why = self.missing(obj_id, requester)
+                if not isinstance(why, _DependencyFailed):
+                    raise why
+                value = why.failure  # its announcement failed: the failure travels on
+                if message.release:
+                    self.failures.pop(obj_id, None)
+            else:
+                owner = self.store.owners[obj_id]
+                if owner not in (requester, self.worker.id):
+                    raise self.policy.refuse(obj_id, requester, f"move an object of {owner}")
+                label = self.policy.check_leave(
+                    obj_id, self.store.leaving_label(obj_id), requester, message.dest_id
+                )
+                if owner == requester:
+                    released.append(obj_id)
+        except (ObjectNotFound, PermissionDenied, MalformedMessage) as exc:
+            value = Failure(WireError.from_exception(exc, obj_id))
+            session.error(message.msg_id, value.error)
+        payload = value.error if type(value) is Failure else value
+        return Store(msg_id, self.worker.id, new_id, payload, requester, label_to_wire(label))
+
+    def _undeliverable(self, session: Session, message: Forward, exc: BaseException) -> None:
+        """A forward that cannot reach its destination fails each moved object, reported to the
+        sender under its new id: its pointer already points there, and its worker (the leader's
+        connection) turns the report into the failure of what waits there."""
+        reason = f"cannot forward to {message.dest_id} at {message.dest_address}: {exc}"
+        self.log.warning(
+            "forward undeliverable", sender=session.identity, msg_id=message.msg_id, error=reason
+        )
+        for new_id in message.new_ids:
+            session.error(message.msg_id, WireError.from_exception(WorkerLost(reason), new_id))
 
     def on_expect(self, session: Session, message: Expect) -> None:
         if type(message.obj_ids) is not list or not all(type(i) is int for i in message.obj_ids):
@@ -956,17 +1020,64 @@ class Dispatch:
 
     def expire(self, arrival: Arrival) -> None:
         """An announced object did not come in time: whoever waits for it gets the error."""
-        if self.arrivals.get(arrival.obj_id) is not arrival:
+        self.fail_arrival(
+            arrival,
+            WorkerLost(
+                f"object {arrival.obj_id:#x} was announced from {arrival.source or 'a peer'} but did "
+                f"not arrive within {self.worker.expect_timeout:g} s"
+            ),
+        )
+
+    def source_lost(self, source: str) -> None:
+        """``source`` (a peer that was to deliver announced objects) is gone: what waits for
+        them fails now, not at their deadlines."""
+        for arrival in [a for a in self.arrivals.values() if a.source == source]:
+            self.fail_arrival(
+                arrival, WorkerLost(f"{source} left before it delivered object {arrival.obj_id:#x}")
+            )
+
+    def forget(self, identity: str) -> int:
+        """Free every object ``identity`` owns here and every announcement it made; the number
+        freed. (Its parked messages went with its sessions.)"""
+        for arrival in [a for a in self.arrivals.values() if a.owner == identity]:
+            self.fail_arrival(arrival, WorkerLost(f"{identity} left"))
+        owned = list(self.store.ids_owned_by(identity))
+        for obj_id in owned:
+            self.store.drop(obj_id)
+        for obj_id in [i for i, (owner, _) in self.failures.items() if owner == identity]:
+            del self.failures[obj_id]
+        for key in [k for k, held in self.unclaimed.items() if held.owner == identity]:
+            del self.unclaimed[key]
+        return len(owned)
+
+    def fail_arrival(self, arrival: Arrival, error: SyftError) -> None:
+        """The object will not come: the messages waiting for it fail with ``error``, and the
+        worker keeps only a bounded record of the failure (not an object) for its owner's later
+        messages."""
+        obj_id = arrival.obj_id
+        if self.arrivals.get(obj_id) is not arrival:
             return
-        del self.arrivals[arrival.obj_id]
-        error = WorkerLost(
-            f"object {arrival.obj_id:#x} was announced from {arrival.source or 'a peer'} but did not "
-            f"arrive within {self.worker.expect_timeout:g} s"
-        )
-        self._put(
-            arrival.obj_id, Failure(WireError.from_exception(error, arrival.obj_id)), arrival.owner, EMPTY
-        )
-        self.scheduler.finish(arrival)
+        del self.arrivals[obj_id]
+        self.worker.unwatch(arrival)
+        failure = Failure(WireError.from_exception(error, obj_id))
+        self._put(obj_id, failure, arrival.owner, EMPTY)
+        self.scheduler.finish(arrival)  # what could run, ran (and failed) just now
+        if self.store.objects.get(obj_id) is failure:
+            self.store.drop(obj_id)
+            self.remember_failure(obj_id, arrival.owner, failure)
+
+    def remember_failure(self, obj_id: int, owner: str, failure: Failure) -> None:
+        self.failures[obj_id] = (owner, failure)
+        if len(self.failures) > self.worker.max_failures:
+            del self.failures[next(iter(self.failures))]
+
+    def missing(self, obj_id: int, requester: str) -> Exception:
+        """Why ``obj_id`` is not here: the failure its owner's announcement ended in, if it
+        was theirs, else it was never here (or is gone)."""
+        record = self.failures.get(obj_id)
+        if record is not None and record[0] == requester:
+            return _DependencyFailed(record[1])
+        return ObjectNotFound(f"object {obj_id!r} not found")
 
     def on_ping(self, session: Session, message: Ping) -> None:
         session.reply(message.msg_id, self.worker.status())

@@ -39,6 +39,14 @@ def tracing() -> bool:
     return _stdlib.isEnabledFor(logging.DEBUG)
 
 
+def verbosity() -> int:
+    """How many ``-v`` reproduce this process's level in a child: worker processes a launcher
+    starts log what it logs."""
+    if _stdlib.isEnabledFor(logging.DEBUG):
+        return 2
+    return 1 if _stdlib.isEnabledFor(logging.INFO) else 0
+
+
 def configure(level: int | str = logging.WARNING) -> None:
     """Send aiosyft events at ``level`` and above to stderr (for the CLI and scripts)."""
     if not _stdlib.handlers:

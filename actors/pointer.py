@@ -145,6 +145,7 @@ def _forward(pointers: list[ObjectPointer], new_ids: list[int], destination: Rem
     here.tell(Forward(here.next_id(), here.local_id, [p.id for p in pointers], destination.id,
                       destination.address, new_ids))  # fmt: skip
     for pointer, new_id in zip(pointers, new_ids, strict=True):
+        here.moved(new_id, there)
         failure = here.take_failure(pointer.id)
         if failure is not None:
             there._failures[new_id] = failure

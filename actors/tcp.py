@@ -9,6 +9,11 @@ The first record each way is a handshake, not a protocol message: the client sen
 ``{"ok": true, "id": ...}`` or ``{"ok": false, "error": ...}`` and closes. A session is opened only
 after the secret proved the identity, so nothing from an unauthenticated peer is ever decoded as a
 message, and that identity is the sender of everything on the link.
+
+Nothing costly happens before that: until the handshake succeeded, either end reads records of at
+most :data:`_HELLO_LIMIT` bytes into a buffer of that size, and a record declared larger closes the
+connection at once (it would otherwise allocate up to ``max_frame_size``, 1 GiB by default, for
+anyone who can open a socket). The full limit and the staging buffer come with authentication.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ import collections
 import struct
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import msgpack
 
@@ -39,35 +43,59 @@ _LENGTH = struct.Struct("<I")
 _STAGING = 1 << 18
 #: Below this, length and frame are joined into one write.
 _JOIN_BELOW = 1 << 16
-#: The handshake is tiny; a bigger first record is not a handshake.
+#: The handshake is tiny; a bigger first record is not a handshake. It is also all that either end
+#: reads before the other has authenticated (or, for a client, answered).
 _HELLO_LIMIT = 4096
 _HANDSHAKE_TIMEOUT = 10.0
 _log = get_logger()
 
 
-def split_address(address: str, scheme: str) -> tuple[str, int]:
-    parts = urlsplit(address)
-    if parts.scheme != scheme or not parts.hostname or parts.port is None:
-        raise ValueError(f"expected {scheme}://host:port, got {address!r}")
-    return parts.hostname, parts.port
-
-
 class FrameStream(asyncio.BufferedProtocol):
-    """Reads length-prefixed records into frames and writes frames as records."""
+    """Reads length-prefixed records into frames and writes frames as records.
+
+    A new stream reads handshake-sized records only (:data:`_HELLO_LIMIT`, in a buffer of that
+    size); :meth:`open` lifts the limit to ``max_frame_size`` once the peer authenticated.
+    """
 
     def __init__(self, max_frame_size: int, on_connect: Callable[[FrameStream], None] | None = None) -> None:
         self.max_frame_size = max_frame_size
         self._on_connect = on_connect
-        self.on_frame: Callable[[bytearray], None] = lambda frame: None
-        self.on_lost: Callable[[BaseException], None] = lambda exc: None
+        self.on_frame: Callable[[bytearray], None] = _ignore_frame
+        self.on_lost: Callable[[BaseException], None] = _ignore_loss
         self.flow = FlowControl()
         self.transport: asyncio.Transport | None = None
-        self._buffer = bytearray(_STAGING)
+        #: The largest record this end reads now: the handshake's until :meth:`open`.
+        self.limit = _HELLO_LIMIT
+        self._buffer = bytearray(_LENGTH.size + _HELLO_LIMIT)
         self._start = 0
         self._end = 0
         self._large: bytearray | None = None
         self._large_filled = 0
+        self._held = False
         self.closed: BaseException | None = None
+
+    def open(self) -> None:
+        """The peer authenticated: read records up to ``max_frame_size`` from now on."""
+        pending = self._buffer[self._start : self._end]
+        self._buffer = bytearray(_STAGING)
+        self._buffer[: len(pending)] = pending
+        self._start, self._end = 0, len(pending)
+        self.limit = self.max_frame_size
+
+    def hold(self) -> None:
+        """Deliver no further frame until :meth:`resume`: what the next frames may be (and how
+        large) depends on the one just delivered, and deciding that may take a turn of the loop."""
+        self._held = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        """Deliver the frames that arrived during :meth:`hold`, and read on."""
+        self._held = False
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
+            self._parse()
 
     # -- asyncio protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -79,7 +107,14 @@ class FrameStream(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = exc or ConnectionResetError("connection closed")
         self.flow.fail(WorkerLost(f"connection lost: {self.closed}"))
-        self.on_lost(self.closed)
+        on_lost = self.on_lost
+        # Whoever handles this stream's frames usually holds the stream too (bound methods): drop
+        # the callbacks so that cycle does not keep the buffers (up to a frame each) alive until a
+        # full garbage collection, and drop the buffers themselves at once.
+        self.on_frame, self.on_lost, self._on_connect = _ignore_frame, _ignore_loss, None
+        self._buffer, self._large = bytearray(), None
+        self._start = self._end = self._large_filled = 0
+        on_lost(self.closed)
 
     def pause_writing(self) -> None:
         self.flow.pause()
@@ -108,11 +143,15 @@ class FrameStream(asyncio.BufferedProtocol):
         self._parse()
 
     def _parse(self) -> None:
-        buffer = self._buffer
-        while self._end - self._start >= _LENGTH.size:
+        while not self._held and self._end - self._start >= _LENGTH.size:
+            buffer = self._buffer  # again each time: a frame's handler may open() the stream
             (length,) = _LENGTH.unpack_from(buffer, self._start)
-            if length > self.max_frame_size:
-                error = FrameTooLarge(f"record of {length} bytes exceeds the limit of {self.max_frame_size}")
+            if length > self.limit:
+                error = FrameTooLarge(
+                    f"record of {length} bytes exceeds the limit of {self.limit}"
+                    if self.limit == self.max_frame_size
+                    else f"record of {length} bytes before authentication (at most {self.limit})"
+                )
                 _log.warning("frame refused, closing the connection", error=str(error))
                 self.abort(error)
                 return
@@ -154,6 +193,14 @@ class FrameStream(asyncio.BufferedProtocol):
             self.transport.abort()
 
 
+def _ignore_frame(frame: bytearray) -> None:
+    """Where frames go when nobody (yet, or any longer) reads them."""
+
+
+def _ignore_loss(exc: BaseException) -> None:
+    """What a loss does when nobody (yet, or any longer) cares."""
+
+
 def _hello(payload: dict[str, Any]) -> bytes:
     return msgpack.packb(payload)
 
@@ -173,16 +220,23 @@ def _read_hello(frame: Buffer) -> dict[str, Any]:
 class TcpTransport(DialingTransport):
     """Client end of a TCP link."""
 
+    scheme = "tcp"
     _stream: FrameStream | None = None
 
     async def _run(self) -> None:
-        host, port = split_address(self.address, "tcp")
+        host, port = self.host, self.port
         loop = asyncio.get_running_loop()
         try:
             _, stream = await loop.create_connection(lambda: FrameStream(self.max_frame_size), host, port)
             self._stream = stream
             answer: asyncio.Future[Buffer] = loop.create_future()
-            stream.on_frame = lambda frame: answer.done() or answer.set_result(frame)
+
+            def on_answer(frame: bytearray) -> None:
+                stream.hold()  # what follows is read under the full limit, if the answer is yes
+                if not answer.done():
+                    answer.set_result(frame)
+
+            stream.on_frame = on_answer
             stream.on_lost = lambda exc: (
                 answer.done()
                 or answer.set_exception(WorkerLost(f"{self.address} closed during the handshake"))
@@ -198,11 +252,15 @@ class TcpTransport(DialingTransport):
             self._fail(exc)
             return
         except Exception as exc:
+            if self._stream is not None:
+                self._stream.abort(exc)
             self._fail(WorkerLost(f"cannot reach {self.address}: {exc}"))
             return
+        stream.open()
         stream.on_frame = self._on_frame
         stream.on_lost = lambda exc: self._fail(WorkerLost(f"lost the connection to {self.address}: {exc}"))
         self._connected(stream)
+        stream.resume()
 
     async def _closed(self) -> None:
         if self._stream is not None and self._stream.transport is not None:
@@ -243,6 +301,7 @@ class _ServerSide:
             self.stream.transport.close() if self.stream.transport else None
             return
         peer_id = str(hello["id"])
+        self.stream.open()
         self.stream.send(_hello({"ok": True, "id": self.worker.id}))
         session = self.worker.open_session(peer_id, self.stream.send)
         session.flow = self.stream.flow
@@ -272,11 +331,15 @@ class _ServerSide:
 
     def _on_lost(self, exc: BaseException) -> None:
         self._timeout.cancel()
+        self._backlog.clear()
         if self._feeder is not None:
             self._feeder.cancel()
         if self.session is not None:
             self.session.on_close = None
             self.session.close()
+            mailbox = self.session.mailbox
+            while not mailbox.empty():  # frames the closed session will never read: let go of them now
+                mailbox.get_nowait()
 
     def _close(self) -> None:
         if self.stream.transport is not None:

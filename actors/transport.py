@@ -13,6 +13,7 @@ import asyncio
 import collections
 from collections.abc import Callable
 from typing import Protocol
+from urllib.parse import urlsplit
 
 from protocol import DEFAULT_MAX_FRAME, FrameTooLarge, WorkerLost
 from protocol.codec import Buffer
@@ -92,6 +93,9 @@ class DialingTransport(Transport):
     deliver frames until the link ends) and close what they opened in :meth:`_closed`.
     """
 
+    #: The address scheme this transport dials (``ws``, ``tcp``).
+    scheme: str = ""
+
     def __init__(
         self,
         address: str,
@@ -100,6 +104,7 @@ class DialingTransport(Transport):
         secret: str | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME,
     ) -> None:
+        self.host, self.port = split_address(address, self.scheme)  # a bad address fails here, at once
         self.address = address
         #: The identity this end authenticates as, and its secret.
         self.local_id = local_id
@@ -160,6 +165,18 @@ class DialingTransport(Transport):
             self._task.cancel()
         self._fail(WorkerLost(f"connection to {self.address} closed"))
         await self._closed()
+
+
+def split_address(address: str, scheme: str) -> tuple[str, int]:
+    """``scheme://host:port`` as (host, port); a ValueError naming the address otherwise."""
+    try:
+        parts = urlsplit(address)
+        port = parts.port
+    except ValueError as exc:  # a port out of range, an unreadable netloc
+        raise ValueError(f"bad address {address!r}: {exc}") from None
+    if parts.scheme != scheme or not parts.hostname or port is None or port == 0:
+        raise ValueError(f"bad address {address!r}: expected {scheme}://host:port")
+    return parts.hostname, port
 
 
 class Dialer(Protocol):

@@ -44,6 +44,10 @@ MAILBOX_SIZE = 1024
 _SESSION_NUMBERS = itertools.count(1)
 #: Objects forwarded ahead of their owner's announcement that a worker keeps meanwhile.
 MAX_UNCLAIMED = 4096
+#: Seconds a departed identity's objects are kept for it to reconnect (``Worker(grace=...)``).
+GRACE = 60.0
+#: Failed announcements a worker remembers for their owners (the oldest are forgotten).
+MAX_FAILURES = 4096
 
 
 class Session:
@@ -151,7 +155,7 @@ class Session:
         self.task.cancel()
         for flow in list(self.flows):  # nothing this sender started runs on without it
             flow.cancel()
-        self.worker.sessions.discard(self)
+        self.worker.session_closed(self)
         on_close, self.on_close = self.on_close, None
         if on_close is not None:
             on_close()
@@ -179,8 +183,16 @@ class Worker:
         enable: Iterable[str] | None = None,
         spin: float = 0.0,
         max_unclaimed: int = MAX_UNCLAIMED,
+        grace: float = GRACE,
+        max_failures: int = MAX_FAILURES,
     ) -> None:
         self.id = worker_id
+        #: Seconds an identity's objects outlive its last connection, so that it can reconnect
+        #: and carry on; then they are freed.
+        self.grace = grace
+        self._departures: dict[str, asyncio.TimerHandle] = {}
+        #: Announcements that ended in failure, remembered (bounded) for their owners' messages.
+        self.max_failures = max_failures
         #: Seconds to keep polling, rather than sleeping, while a message waits for an announced
         #: object (0: sleep at once). See :meth:`note_waiting`.
         self.spin = spin
@@ -208,6 +220,7 @@ class Worker:
         self._deadlines: dict[Arrival, float] = {}
         self._watchdog: asyncio.TimerHandle | None = None
         self.started = time.monotonic()
+        self._closing = False
         self._msg_ids = iter(range(1, 1 << 62)).__next__
 
     def __repr__(self) -> str:
@@ -221,7 +234,30 @@ class Worker:
         """A new mailbox for a link authenticated as ``identity``; ``send`` carries replies back."""
         session = Session(self, identity, send, self.mailbox_size)
         self.sessions.add(session)
+        departure = self._departures.pop(identity, None)
+        if departure is not None:  # back within its grace period: everything it held is still here
+            departure.cancel()
+            self.log.info("identity back", identity=identity)
         return session
+
+    def session_closed(self, session: Session) -> None:
+        """A link went away. If it was its identity's last: what that identity was to deliver
+        fails now (a peer gone mid-protocol), and what it owns is freed after the grace period."""
+        self.sessions.discard(session)
+        identity = session.identity
+        if any(other.identity == identity for other in self.sessions):
+            return
+        self.dispatch.source_lost(identity)
+        if identity not in self._departures and not self._closing:
+            self._departures[identity] = asyncio.get_running_loop().call_later(
+                self.grace, self._forget, identity
+            )
+
+    def _forget(self, identity: str) -> None:
+        """The grace period is over: free everything ``identity`` owned or had announced."""
+        self._departures.pop(identity, None)
+        freed = self.dispatch.forget(identity)
+        self.log.info("identity gone, its objects freed", identity=identity, objects=freed)
 
     def authenticate(self, identity: Any, secret: Any) -> bool:
         """Whether ``secret`` proves ``identity`` (every transport asks this before a session)."""
@@ -238,6 +274,10 @@ class Worker:
         """Hook: runs when the worker stops."""
 
     async def close(self) -> None:
+        self._closing = True
+        for departure in self._departures.values():
+            departure.cancel()
+        self._departures.clear()
         await self.on_stop()
         if self._watchdog is not None:
             self._watchdog.cancel()

@@ -4,6 +4,13 @@
 names (checked before the upgrade, so an unauthenticated peer never gets to send a message); that
 identity is then the sender of everything on the link. ``GET /health`` answers the worker's id,
 objects held, uptime and protocol version, for launchers and load balancers.
+
+Nothing costly happens before authentication: until a peer's upgrade was accepted, the worker
+reads at most :data:`_REQUEST_LIMIT` bytes from it (request line, headers and any body together:
+aiohttp's own limits allow ~2 MiB of headers per connection) and closes the connection beyond
+that, or after :data:`_CONNECT_TIMEOUT`; no handler reads a request body, and one left unread
+closes the connection instead of being drained. ``max_msg_size`` (the frame limit) applies only
+after the upgrade.
 """
 
 from __future__ import annotations
@@ -25,6 +32,10 @@ from protocol.codec import Buffer
 
 ID_HEADER = "X-Aiosyft-Id"
 _CONNECT_TIMEOUT = 10.0
+#: All an unauthenticated peer may send: an upgrade request is a few hundred bytes (aiosyft's
+#: client sends ~300); this leaves room for what proxies add.
+_REQUEST_LIMIT = 16 * 1024
+_log = get_logger()
 
 
 class _Outbox:
@@ -133,6 +144,112 @@ class _Outbox:
             self.flow.fail(exc)
 
 
+class _Unauthenticated(asyncio.BufferedProtocol):
+    """Stands between a new connection and aiohttp until the peer has authenticated.
+
+    It reads into a buffer of its own, :data:`_REQUEST_LIMIT` bytes at most over the whole
+    connection, and hands what it read to aiohttp's request handler; past the limit, or
+    :data:`_CONNECT_TIMEOUT` after the connection (or its last served ``/health``), it closes the
+    connection. Once the upgrade is accepted (:meth:`authenticated`) it steps aside: the transport
+    talks to aiohttp directly, at full speed and under the frame limit.
+    """
+
+    def __init__(self, handler: asyncio.Protocol) -> None:
+        self.handler = handler
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray(_REQUEST_LIMIT + 1)
+        self._read = 0
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self._expire_later()
+        self.handler.connection_made(transport)
+
+    def _expire_later(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = asyncio.get_running_loop().call_later(_CONNECT_TIMEOUT, self._expire)
+
+    def _expire(self) -> None:
+        if self.transport is not None:
+            _log.warning("unauthenticated connection timed out", peer=str(self._peer()))
+            self.transport.abort()
+
+    def _peer(self) -> object:
+        return self.transport.get_extra_info("peername") if self.transport is not None else None
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return memoryview(self._buffer)[: len(self._buffer) - self._read]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._read += nbytes
+        if self._read > _REQUEST_LIMIT:
+            _log.warning("unauthenticated request too large, closing the connection", peer=str(self._peer()))
+            assert self.transport is not None
+            self.transport.abort()
+            return
+        self.handler.data_received(bytes(memoryview(self._buffer)[:nbytes]))
+
+    def eof_received(self) -> bool | None:
+        return self.handler.eof_received()
+
+    def pause_writing(self) -> None:
+        self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.handler.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop()
+        self.handler.connection_lost(exc)
+
+    def _stop(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self._buffer = bytearray()
+
+    def authenticated(self) -> None:
+        """The peer proved its identity: aiohttp reads the connection itself from now on."""
+        self._stop()
+        if self.transport is not None:
+            self.transport.set_protocol(self.handler)
+
+    def served(self) -> None:
+        """A request that needs no identity (``/health``) was answered: its bytes are paid for."""
+        self._read = 0
+        self._expire_later()
+
+
+def _guard(request: web.BaseRequest) -> _Unauthenticated | None:
+    transport = request.transport
+    protocol = transport.get_protocol() if transport is not None else None
+    return protocol if isinstance(protocol, _Unauthenticated) else None
+
+
+class _GuardedSite(web.BaseSite):
+    """A TCP site whose connections start behind :class:`_Unauthenticated`."""
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int) -> None:
+        super().__init__(runner)
+        self._host, self._port = host, port
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        handlers = self._runner.server
+        assert handlers is not None
+        # BaseSite.stop() closes self._server; runner.addresses reads its sockets.
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: _Unauthenticated(handlers()), self._host, self._port
+        )
+
+
 def _bearer(request: web.Request) -> str | None:
     header = request.headers.get("Authorization", "")
     return header[7:] if header.startswith("Bearer ") else None
@@ -144,6 +261,9 @@ def make_app(worker: Worker) -> web.Application:
     max_frame_size = worker.codec.max_frame_size
 
     async def health(request: web.Request) -> web.Response:
+        guard = _guard(request)
+        if guard is not None:
+            guard.served()
         return web.json_response(worker.status())
 
     async def protocol(request: web.Request) -> web.StreamResponse:
@@ -152,7 +272,12 @@ def make_app(worker: Worker) -> web.Application:
             log.warning(
                 "connection refused", peer=str(request.remote), identity=peer_id, reason="wrong credentials"
             )
-            return web.Response(status=401, text="missing or wrong credentials")
+            refused = web.Response(status=401, text="missing or wrong credentials")
+            refused.force_close()  # a refused peer has nothing more to say on this connection
+            return refused
+        guard = _guard(request)
+        if guard is not None:
+            guard.authenticated()
         ws = web.WebSocketResponse(max_msg_size=max_frame_size, compress=False)
         await ws.prepare(request)
         outbox = _Outbox(ws)
@@ -173,10 +298,12 @@ def make_app(worker: Worker) -> web.Application:
         finally:
             session.on_close = None
             session.close()
+            while not mailbox.empty():  # frames the closed session will never read: let go of them now
+                mailbox.get_nowait()
             outbox.close(WorkerLost(f"{peer_id} disconnected"))
         return ws
 
-    app = web.Application(client_max_size=max_frame_size)
+    app = web.Application(client_max_size=_REQUEST_LIMIT)  # no handler reads a body; none may be large
     app.router.add_get("/health", health)
     app.router.add_get("/ws", protocol)
     return app
@@ -184,9 +311,11 @@ def make_app(worker: Worker) -> web.Application:
 
 async def serve_ws(worker: Worker, host: str, port: int) -> tuple[web.AppRunner, str]:
     """Serve ``worker`` on ``ws://host:port`` (port 0 picks a free one); returns the address."""
-    runner = web.AppRunner(make_app(worker), access_log=None, handle_signals=False, shutdown_timeout=2.0)
+    runner = web.AppRunner(
+        make_app(worker), access_log=None, handle_signals=False, shutdown_timeout=2.0, lingering_time=0
+    )  # lingering_time 0: a request body nobody read closes the connection, it is not drained
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = _GuardedSite(runner, host, port)
     await site.start()
     bound = runner.addresses[0]  # the first socket's, should the host resolve to several
     return runner, f"ws://{host}:{bound[1]}"
@@ -195,6 +324,7 @@ async def serve_ws(worker: Worker, host: str, port: int) -> tuple[web.AppRunner,
 class WebSocketTransport(DialingTransport):
     """Client end of a WebSocket link."""
 
+    scheme = "ws"
     _session: aiohttp.ClientSession | None = None
     _outbox: _Outbox | None = None
 
@@ -220,7 +350,7 @@ class WebSocketTransport(DialingTransport):
             )
             await self._closed()
             return
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        except Exception as exc:  # any way of not getting through is a named failure, never silence
             self._fail(WorkerLost(f"cannot reach {self.address}: {exc}"))
             await self._closed()
             return

@@ -80,7 +80,13 @@ class PointerNotResolved(SyftError):
 
 
 class WorkerLost(SyftError):
-    """The connection to a worker dropped or timed out; its pending results will never come."""
+    """The connection to a worker dropped or timed out; its pending results will never come.
+
+    ``worker`` and ``address`` name the worker when the side that lost it knows them (the
+    message always does), so a leader can tell which of its workers left."""
+
+    worker: str | None = None
+    address: str | None = None
 
 
 class RemoteError(SyftError):

@@ -93,7 +93,7 @@ class RunResult:
 
 async def federated_run(
     workers: list[actors.RemoteWorker], data: Dataset, settings: Settings, style: str, rounds: int = 1,
-    *, progress: bool = False,
+    *, progress: bool = False, min_workers: int | None = None,
 ) -> RunResult:  # fmt: skip
     """Train a fresh model on the workers' shards; time the training alone."""
     dataset = await FederatedDataset.from_workers(workers, data.name)
@@ -110,7 +110,7 @@ async def federated_run(
         loader = FederatedDataLoader(dataset, settings.batch_size, seed=settings.seed)
         history = await train_walk(model, loader, settings, advance)
     elif style == "fedavg":
-        history = await train_fedavg(model, dataset, settings, rounds, advance)
+        history = await train_fedavg(model, dataset, settings, rounds, advance, min_workers=min_workers)
     else:
         raise ValueError(f"unknown style {style!r}: walk or fedavg")
     seconds = time.perf_counter() - start
@@ -119,15 +119,19 @@ async def federated_run(
 
 
 async def train_command(
-    federation: Federation, transport: str, style: str, settings: Settings, rounds: int
-) -> RunResult:
-    """``aiosyft train``: the split's seed and batch size follow the training settings."""
+    federation: Federation, transport: str, style: str, settings: Settings, rounds: int,
+    *, min_workers: int | None = None,
+) -> RunResult:  # fmt: skip
+    """``aiosyft train``: the split's seed and batch size follow the training settings;
+    ``min_workers`` lets FedAvg carry on while that many workers remain."""
     federation = replace(federation, seed=settings.seed, batch_size=settings.batch_size)
     dataset, n_workers = federation.dataset, federation.workers
     data = load(dataset, seed=settings.seed)
     async with federated_workers(transport, federation, data) as workers:
         with settled_heap():
-            result = await federated_run(workers, data, settings, style, rounds, progress=True)
+            result = await federated_run(
+                workers, data, settings, style, rounds, progress=True, min_workers=min_workers
+            )
     metric = "test MSE" if data.task == "regression" else "test accuracy"
     value = f"{result.metric:.2f}" if data.task == "regression" else f"{100 * result.metric:.1f}%"
     print(f"{dataset}, {style} over {n_workers} {transport} workers: {metric} {value} "

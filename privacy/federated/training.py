@@ -24,12 +24,15 @@ import torch
 from torch import nn
 
 import actors
+from actors.log import get_logger
 from actors.pointer import call
-from privacy.federated.data import FederatedDataLoader, FederatedDataset, epoch_plan, shard_order
+from privacy.federated.data import FederatedDataLoader, FederatedDataset, Shard, epoch_plan, shard_order
 from privacy.federated.steps import LOSSES, fit, flat_parameters, load_flat, spec_key
+from protocol import WorkerLost
 from protocol.modules import load_state, module_spec
 
 Progress = Callable[[int, float], None]
+_log = get_logger()
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,7 @@ async def train_walk(
             sent.add(worker, loss)  # after backward its graph is freed; the value stays
         return sent.ask_mean()
 
-    history = await _epochs(settings.epochs, epoch_steps, progress)
+    history = await _epochs(settings.epochs, epoch_steps, progress, loader.dataset.workers)
     await actors.get_module(model)
     return history
 
@@ -126,12 +129,17 @@ async def _walk_fused(
             sent.add(worker, call(worker, "nn.sgd_step", [key, flat, x, y], {**options, "rows": rows}))
         return sent.ask_mean()
 
-    history = await _epochs(settings.epochs, epoch_steps, progress)
+    history = await _epochs(settings.epochs, epoch_steps, progress, loader.dataset.workers)
     load_flat(model, await flat.get())
     return history
 
 
-async def _epochs(epochs: int, epoch_steps: Callable[[int], _Epoch], progress: Progress | None) -> History:
+async def _epochs(
+    epochs: int,
+    epoch_steps: Callable[[int], _Epoch],
+    progress: Progress | None,
+    workers: list[actors.RemoteWorker],
+) -> History:
     """Send each epoch's steps while the workers still run the previous one, then wait for that
     one's loss: the workers never sit idle at an epoch's end waiting for the leader's next
     burst, and at most two epochs are in flight. A failed step ends the walk with its error,
@@ -153,15 +161,20 @@ async def _epochs(epochs: int, epoch_steps: Callable[[int], _Epoch], progress: P
             await asyncio.sleep(0)  # the burst leaves now, before this process waits
             await settle(keep=1)
         await settle(keep=0)
-    except Exception:
-        for sent in pending:
-            await sent.hear_out()
+    except Exception as exc:
+        with contextlib.suppress(TimeoutError):  # one deadline for all of them, not one each
+            async with asyncio.timeout(HEAR_OUT_TIMEOUT):
+                for sent in pending:
+                    await sent.hear_out()
+        lost = next((w.connection.lost for w in workers if w.connection.lost is not None), None)
+        if lost is not None and lost is not exc:  # a worker died: say which, not what it broke
+            raise lost from exc
         raise
     return history
 
 
-#: Seconds a failed walk waits for its other steps' answers before raising its error.
-HEAR_OUT_TIMEOUT = 2.0
+#: Seconds a failed walk waits, in all, for its other steps' answers before raising its error.
+HEAR_OUT_TIMEOUT = 0.5
 
 
 class _Epoch:
@@ -190,14 +203,11 @@ class _Epoch:
         by_worker = dict(zip(self.losses, await asyncio.gather(*self._stacks), strict=True))
         return float(torch.stack([by_worker[worker][i] for worker, i in self.order]).detach().mean())
 
-    async def hear_out(self, timeout: float = HEAR_OUT_TIMEOUT) -> None:
-        """Wait for every step's answer, failures included, and take them as retrieved; not
-        longer than ``timeout`` (a step waiting for a model from a dead worker would answer
-        only when its wait runs out, and the walk's error must not wait for that)."""
+    async def hear_out(self) -> None:
+        """Wait for every step's answer, failures included, and take them as retrieved (the
+        caller bounds the wait: the walk's error must not wait for a step that never answers)."""
         steps = [loss.resolve() for losses in self.losses.values() for loss in losses]
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await asyncio.gather(*steps, return_exceptions=True)
+        await asyncio.gather(*steps, return_exceptions=True)
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -211,25 +221,55 @@ async def train_fedavg(
     settings: Settings,
     rounds: int,
     progress: Progress | None = None,
+    *,
+    min_workers: int | None = None,
 ) -> History:
-    """FedAvg: ``rounds`` rounds of ``settings.epochs`` local epochs per worker, run as jobs."""
+    """FedAvg: ``rounds`` rounds of ``settings.epochs`` local epochs per worker, run as jobs.
+
+    A lost worker stops the run, unless ``min_workers`` is given (Flower's ``min_fit_clients``
+    with ``accept_failures``): then the round goes on with the workers that answered, weighted
+    by their shard sizes, and later rounds leave the lost one out, as long as at least that
+    many remain. Any other failure stops the run.
+    """
     spec = module_spec(model)
     state = [t.detach().clone() for t in model.state_dict().values()]
-    total = len(dataset)
+    active = list(range(len(dataset.shards)))  # by index: each keeps its seed when others leave
     history = History()
     for r in range(rounds):
+        shards = [dataset.shards[k] for k in active]
         jobs = [
-            call(shard.worker, "nn.fit", [spec, state, shard.x, shard.y], _job_options(settings, r, k))
-            for k, shard in enumerate(dataset.shards)
+            _job(shard, [spec, state, shard.x, shard.y], _job_options(settings, r, k))
+            for k, shard in zip(active, shards, strict=True)
         ]
-        results = await asyncio.gather(*(job.get() for job in jobs))
-        weights = [shard.size / total for shard in dataset.shards]
-        state = _average([result[0] for result in results], weights)
-        history.epoch_loss.append(sum(w * result[1] for w, result in zip(weights, results, strict=True)))
+        outcomes = await asyncio.gather(*jobs, return_exceptions=True)
+        answered = []
+        for k, shard, outcome in zip(active, shards, outcomes, strict=True):
+            if not isinstance(outcome, BaseException):
+                answered.append((k, shard.size, outcome))
+            elif isinstance(outcome, WorkerLost) and min_workers is not None:
+                _log.warning("worker left", worker=shard.worker.id, round=r, error=str(outcome))
+            else:
+                raise outcome
+        active = [k for k, _, _ in answered]
+        if len(active) < (min_workers or 0):
+            lost = next(o for o in outcomes if isinstance(o, BaseException))
+            raise WorkerLost(
+                f"round {r}: {len(active)} worker(s) left, fewer than the {min_workers} required ({lost})"
+            ) from lost
+        total = sum(size for _, size, _ in answered)
+        weights = [size / total for _, size, _ in answered]
+        state = _average([result[0] for _, _, result in answered], weights)
+        losses = [result[1] for _, _, result in answered]
+        history.epoch_loss.append(sum(w * loss for w, loss in zip(weights, losses, strict=True)))
         if progress is not None:
             progress(r + 1, history.epoch_loss[-1])
     load_state(model, state)
     return history
+
+
+async def _job(shard: Shard, args: list[Any], options: dict[str, object]) -> Any:
+    """One worker's round; a worker already known lost fails here like one lost meanwhile."""
+    return await call(shard.worker, "nn.fit", args, options).get()
 
 
 def _job_options(settings: Settings, round_: int, shard: int) -> dict[str, object]:
