@@ -1,19 +1,32 @@
-"""The ``aiosyft`` command."""
+"""The ``aiosyft`` command.
+
+It fails like a tool: a bad argument or a bad combination of them is one line on stderr and exit
+status 2; a failure while running (a port in use, a missing dataset, a lost worker: any aiosyft
+error or OS error) is one line and status 1. ``-v`` adds the traceback, and its logs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import math
+import os
+import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NoReturn
 
 import privacy  # noqa: F401 - registers the federated command set
 from actors import log
-from actors.identity import CREDENTIALS_ENV, Credentials
+from actors.identity import CLUSTER_SECRET_ENV, CREDENTIALS_ENV, Credentials, from_environment
 from actors.net import TRANSPORTS
 from actors.registry import command_sets
+from actors.worker import GRACE
+from protocol import SyftError
 from runners.bench import bench_pointers, bench_transport, format_pointers, format_transport, write_json
-from runners.cluster import SPIN, launch, run_worker
+from runners.cluster import FAILED, LEADER, REPORT_ENV, SPIN, is_loopback, launch, run_worker
 from runners.datasets import DATA_ENV, SOURCES
 from runners.demo import demo
 from runners.experiments import TRANSPORTS as EXPERIMENT_TRANSPORTS
@@ -22,24 +35,64 @@ from runners.federated import SPLITS, Federation
 
 #: What ``aiosyft worker`` serves by default beside the torch allowlist: federated training.
 DEFAULT_SETS = ("train",)
+#: What a command that fails while running reports in one line (exit status 1); anything else
+#: is a bug and keeps its traceback. Dataset errors are SyftErrors; TimeoutError is an OSError.
+FAILURES = (SyftError, OSError)
+#: FedAvg's rounds when ``--rounds`` is not given.
+DEFAULT_ROUNDS = 10
+#: ``aiosyft worker`` options that only mean something with ``--dataset``, and their defaults.
+SHARD_OPTIONS = {"shard": "0/1", "split": "round-robin", "split_seed": 0, "batch_size": 8}
 
 
-def _sets(option: str | None) -> list[str] | None:
+Commands = argparse._SubParsersAction  # what add_subparsers returns
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in one line (argparse prints the whole usage before them)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind: Callable[[str], Any], name: str, accept: Callable[[Any], bool]) -> Callable[[str], Any]:
+    """An argparse type: ``kind(text)`` that ``accept`` takes, else a one-line usage error."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}")
+        return value
+
+    return parse
+
+
+POSITIVE = _number(int, "a positive integer", lambda value: value > 0)
+PORT = _number(int, "a port number (0-65535)", lambda value: 0 <= value <= 65535)
+NONNEGATIVE_FLOAT = _number(float, "a number >= 0", lambda value: math.isfinite(value) and value >= 0)
+POSITIVE_FLOAT = _number(float, "a number > 0", lambda value: math.isfinite(value) and value > 0)
+
+
+def _sets(option: str | None, refuse: Callable[[str], NoReturn]) -> list[str] | None:
     """``--enable a,b``; every named set must have been registered by a loaded package."""
     if option is None:
         return None
     sets = [name.strip() for name in option.split(",") if name.strip()]
     unknown = set(sets) - command_sets()
     if unknown:
-        raise SystemExit(f"aiosyft: unknown command set(s) {', '.join(sorted(unknown))}; "
-                         f"known: {', '.join(sorted(command_sets()))}")  # fmt: skip
+        refuse(f"--enable: unknown command set(s) {', '.join(sorted(unknown))}; "
+               f"known: {', '.join(sorted(command_sets()))}")  # fmt: skip
     return sets
 
 
-def _credentials(path: str | None) -> Credentials | None:
-    if path is not None:
+def _credentials(path: str) -> Credentials:
+    """``--credentials FILE``: a file that cannot be read or parsed is a bad argument."""
+    try:
         return Credentials.load(path)
-    return None  # the environment's, if any (see runners.cluster.run_worker)
+    except (OSError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot use {path!r} as credentials: {exc}") from None
 
 
 def _data_dir_option(parser: argparse.ArgumentParser) -> None:
@@ -47,53 +100,23 @@ def _data_dir_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aiosyft", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="log info (-v) or debug (-vv)")
+    parser = _Parser(
+        prog="aiosyft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0,
+        help="log info (-v) or debug (-vv), in the worker processes started too; tracebacks of failures",
+    )  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True)
 
     commands.add_parser("demo", help="pointer tensors on virtual workers, checked against PyTorch")
-
-    worker = commands.add_parser("worker", help="run one worker (the way to span machines)")
-    worker.add_argument("--id", required=True, help="the worker's id")
-    # A cluster secret is read from the environment only ($AIOSYFT_CLUSTER_SECRET), never an option.
-    worker.add_argument("--transport", choices=TRANSPORTS, default="ws")
-    worker.add_argument("--host", default="127.0.0.1")
-    worker.add_argument("--port", type=int, default=8777, help="0 picks a free port")
-    worker.add_argument(
-        "--credentials",
-        help=f"file of identities and secret hashes to check peers against (default: ${CREDENTIALS_ENV})",
-    )
-    worker.add_argument(
-        "--enable", default=",".join(DEFAULT_SETS),
-        help="command sets to serve beside the torch allowlist (default: %(default)s)",
-    )  # fmt: skip
-    worker.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    worker.add_argument(
-        "--spin-us", type=float, default=SPIN * 1e6,
-        help="microseconds to poll, not sleep, for an object on its way (default %(default)g; 0: off)",
-    )  # fmt: skip
-    worker.add_argument("--dataset", choices=sorted(SOURCES), help="load and hold a shard of this dataset")
-    worker.add_argument("--shard", default="0/1", help="which shard, as K/N (default 0/1)")
-    worker.add_argument("--split", choices=SPLITS, default="round-robin")
-    worker.add_argument("--split-seed", type=int, default=0)
-    worker.add_argument("--batch-size", type=int, default=8, help="batch size of a round-robin split")
-    _data_dir_option(worker)
-
-    train = commands.add_parser("train", help="federated training on Boston Housing or Pima Diabetes")
-    train.add_argument("--dataset", choices=sorted(SOURCES), default="boston")
-    train.add_argument("--workers", type=int, default=2)
-    train.add_argument("--transport", choices=EXPERIMENT_TRANSPORTS, default="virtual")
-    train.add_argument("--style", choices=("walk", "fedavg"), default="walk")
-    train.add_argument("--epochs", type=int, help="epochs (walk) or local epochs per round (fedavg)")
-    train.add_argument("--rounds", type=int, default=10, help="FedAvg rounds")
-    train.add_argument("--lr", type=float)
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--split", choices=SPLITS, default="round-robin")
-    train.add_argument("--seed", type=int)
-    _data_dir_option(train)
+    _worker_parser(commands)
+    _train_parser(commands)
 
     table = commands.add_parser("table1", help="the paper's Table 1 (training time per mode), measured here")
-    table.add_argument("--repeats", type=int, default=5, help="timed runs per mode; the median is reported")
+    table.add_argument(
+        "--repeats", type=POSITIVE, default=5, help="timed runs per mode; the median is reported"
+    )
     table.add_argument("--json", type=Path, help="also write the rows to this file")
     table.add_argument(
         "--png", type=Path, default=Path("results/table1.png"), help="bar chart (default results/table1.png)"
@@ -104,32 +127,142 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("--workers", required=True, help="comma-separated ids, e.g. alice,bob,carol")
     launch.add_argument("--transport", choices=TRANSPORTS, default="ws")
     launch.add_argument("--host", default="127.0.0.1")
-    launch.add_argument("--port", type=int, default=8777, help="first port; the next workers count up")
+    launch.add_argument("--port", type=PORT, default=8777, help="first port; the next workers count up")
     launch.add_argument("--enable", help="command sets the workers serve (default: each worker's default)")
 
     bench = commands.add_parser("bench", help="benchmarks, each beside its reference")
     suites = bench.add_subparsers(dest="suite", required=True)
     pointers = suites.add_parser("pointers", help="cost of a pointer operation on a virtual worker")
     pointers.add_argument("--json", type=Path, help="also write the figures to this file")
-    pointers.add_argument("--repeats", type=int, default=7, help="timed runs; the median is reported")
+    pointers.add_argument("--repeats", type=POSITIVE, default=7, help="timed runs; the median is reported")
     transport = suites.add_parser("transport", help="WebSocket and TCP workers beside the raw transports")
     transport.add_argument("--json", type=Path, help="also write the figures to this file")
-    transport.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported")
+    transport.add_argument("--repeats", type=POSITIVE, default=5, help="timed runs; the median is reported")
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
-    log.configure([logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)])
+def _worker_parser(commands: Commands) -> None:
+    worker = commands.add_parser("worker", help="run one worker (the way to span machines)")
+    worker.add_argument("--id", required=True, help="the worker's id")
+    # A cluster secret is read from the environment only ($AIOSYFT_CLUSTER_SECRET), never an option.
+    worker.add_argument("--transport", choices=TRANSPORTS, default="ws")
+    worker.add_argument("--host", default="127.0.0.1")
+    worker.add_argument("--port", type=PORT, default=8777, help="0 picks a free port")
+    worker.add_argument(
+        "--credentials", type=_credentials,
+        help=f"file of identities and secret hashes to check peers against (default: ${CREDENTIALS_ENV})",
+    )  # fmt: skip
+    worker.add_argument(
+        "--insecure", action="store_true",
+        help="listen beyond loopback without credentials: any peer may claim any identity",
+    )  # fmt: skip
+    worker.add_argument(
+        "--enable", default=",".join(DEFAULT_SETS),
+        help="command sets to serve beside the torch allowlist (default: %(default)s)",
+    )  # fmt: skip
+    worker.add_argument(
+        "--grace", type=NONNEGATIVE_FLOAT, default=GRACE,
+        help="seconds an identity's objects outlive its last connection (default %(default)g)",
+    )  # fmt: skip
+    worker.add_argument("--threads", type=POSITIVE, default=1, help="torch threads (default 1)")
+    worker.add_argument(
+        "--spin-us", type=NONNEGATIVE_FLOAT, default=SPIN * 1e6,
+        help="microseconds to poll, not sleep, for an object on its way (default %(default)g; 0: off)",
+    )  # fmt: skip
+    worker.add_argument("--dataset", choices=sorted(SOURCES), help="load and hold a shard of this dataset")
+    # These four only apply with --dataset: None says "not given", so a stray one is refused.
+    worker.add_argument("--shard", help="which shard, as K/N (default 0/1)")
+    worker.add_argument("--split", choices=SPLITS, help="how the dataset is split (default round-robin)")
+    worker.add_argument("--split-seed", type=int, help="seed of the split (default 0)")
+    worker.add_argument("--batch-size", type=POSITIVE, help="batch size of a round-robin split (default 8)")
+    _data_dir_option(worker)
+
+
+def _train_parser(commands: Commands) -> None:
+    train = commands.add_parser("train", help="federated training on Boston Housing or Pima Diabetes")
+    train.add_argument("--dataset", choices=sorted(SOURCES), default="boston")
+    train.add_argument("--workers", type=POSITIVE, default=2)
+    train.add_argument("--transport", choices=EXPERIMENT_TRANSPORTS, default="virtual")
+    train.add_argument("--style", choices=("walk", "fedavg"), default="walk")
+    train.add_argument("--epochs", type=POSITIVE, help="epochs (walk) or local epochs per round (fedavg)")
+    train.add_argument(
+        "--rounds", type=POSITIVE, help=f"FedAvg rounds (default {DEFAULT_ROUNDS}; fedavg only)"
+    )
+    train.add_argument(
+        "--min-workers", type=POSITIVE,
+        help="fedavg only: carry on while this many workers remain (default: stop at the first lost)",
+    )  # fmt: skip
+    train.add_argument("--lr", type=POSITIVE_FLOAT)
+    train.add_argument("--batch-size", type=POSITIVE)
+    train.add_argument("--split", choices=SPLITS, default="round-robin")
+    train.add_argument("--seed", type=int)
+    _data_dir_option(train)
+
+
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What argparse cannot check alone: options that do not apply, values that depend on others."""
+    command = args.command
+
+    def refuse(message: str) -> NoReturn:
+        parser.exit(2, f"aiosyft {command}: error: {message} (see aiosyft {command} --help)\n")
+
+    if command == "train" and args.style != "fedavg" and args.rounds is not None:
+        refuse("--rounds applies to --style fedavg only (a walk runs --epochs)")
+    if command == "train" and args.min_workers is not None:
+        if args.style != "fedavg":
+            refuse("--min-workers applies to --style fedavg only (a walk stops at a lost worker)")
+        if args.min_workers > args.workers:
+            refuse(f"--min-workers {args.min_workers} is more than the {args.workers} workers")
+    if command == "worker":
+        _check_worker(args, refuse)
+    if command == "launch":
+        ids = [name.strip() for name in args.workers.split(",") if name.strip()]
+        if not ids:
+            refuse("--workers names no worker")
+        if len(set(ids)) != len(ids):
+            refuse(f"--workers names a worker twice: {args.workers}")
+        if LEADER in ids:
+            refuse(f"--workers: {LEADER!r} is the leader's identity; name the workers otherwise")
+        if args.port and args.port + len(ids) - 1 > 65535:
+            refuse(f"--port {args.port}: {len(ids)} workers need ports up to {args.port + len(ids) - 1}")
+        args.ids = ids
+    if command in ("worker", "launch"):
+        args.sets = _sets(args.enable, refuse)
+
+
+def _check_worker(args: argparse.Namespace, refuse: Callable[[str], NoReturn]) -> None:
+    if not args.id.strip():
+        refuse("--id is empty")
+    given = [f"--{name.replace('_', '-')}" for name in SHARD_OPTIONS if getattr(args, name) is not None]
+    if given and args.dataset is None:
+        refuse(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} with --dataset")
+    for name, default in SHARD_OPTIONS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    shard, slash, count = args.shard.partition("/")
+    if not (shard.isdigit() and count.isdigit() and slash and int(shard) < int(count)):
+        refuse(f"--shard {args.shard!r}: expected K/N with 0 <= K < N")
+    if args.credentials is None:
+        try:  # the environment's, as run_worker would read them
+            args.credentials = from_environment()[0]
+        except (OSError, ValueError) as exc:
+            refuse(f"${CREDENTIALS_ENV}: {exc}")
+    if args.credentials is None and not is_loopback(args.host) and not args.insecure:
+        refuse(
+            f"--host {args.host} listens beyond this machine, and without credentials any peer there "
+            f"may claim any identity: give --credentials (or ${CREDENTIALS_ENV} or ${CLUSTER_SECRET_ENV}), "
+            "or --insecure"
+        )
+
+
+def _run(args: argparse.Namespace) -> None:
     if args.command == "demo":
         asyncio.run(demo())
     elif args.command == "worker":
         data = None
         if args.dataset is not None:
             shard, _, count = args.shard.partition("/")
-            federation = Federation(
-                args.dataset, int(count or 1), args.split, args.split_seed, args.batch_size
-            )
+            federation = Federation(args.dataset, int(count), args.split, args.split_seed, args.batch_size)
             data = (federation, int(shard), args.data_dir)
         asyncio.run(
             run_worker(
@@ -137,23 +270,27 @@ def main(argv: list[str] | None = None) -> None:
                 args.transport,
                 args.host,
                 args.port,
-                credentials=_credentials(args.credentials),
+                credentials=args.credentials,
                 threads=args.threads,
                 data=data,
                 spin=args.spin_us / 1e6,
-                enable=_sets(args.enable),
+                enable=args.sets,
+                grace=args.grace,
             )
         )
     elif args.command == "train":
         use_data_dir(args.data_dir)
         federation = Federation(args.dataset, args.workers, args.split)
-        asyncio.run(train_command(federation, args.transport, args.style, settings_from(args), args.rounds))
+        rounds = args.rounds if args.rounds is not None else DEFAULT_ROUNDS
+        run = train_command(
+            federation, args.transport, args.style, settings_from(args), rounds, min_workers=args.min_workers
+        )
+        asyncio.run(run)
     elif args.command == "table1":
         use_data_dir(args.data_dir)
         asyncio.run(table1(args.repeats, args.json, args.png))
     elif args.command == "launch":
-        ids = [name.strip() for name in args.workers.split(",") if name.strip()]
-        asyncio.run(launch(ids, args.transport, args.host, args.port, _sets(args.enable)))
+        asyncio.run(launch(args.ids, args.transport, args.host, args.port, args.sets))
     elif args.command == "bench" and args.suite == "pointers":
         result = asyncio.run(bench_pointers(args.repeats))
         print(format_pointers(result))
@@ -162,6 +299,49 @@ def main(argv: list[str] | None = None) -> None:
         results = asyncio.run(bench_transport(args.repeats))
         print(format_transport(results))
         write_json(results, args.json)
+
+
+def _failure(exc: BaseException) -> BaseException | None:
+    """The failure to report in one line: ``exc`` itself, or the first of a group made only of
+    failures; ``None`` for anything else (a bug, which keeps its traceback)."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [_failure(inner) for inner in exc.exceptions]
+        return leaves[0] if leaves and all(leaf is not None for leaf in leaves) else None
+    return exc if isinstance(exc, FAILURES) else None
+
+
+def _describe(exc: BaseException) -> str:
+    """One line naming the failure: aiosyft's errors by their class (the vocabulary the README
+    uses), OS errors by their own message; never more than one line."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if isinstance(exc, SyftError) else text
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check(parser, args)
+    log.configure([logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)])
+    try:
+        _run(args)
+    except KeyboardInterrupt:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"aiosyft {args.command}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as exc:
+        failure = _failure(exc)
+        if failure is None:
+            raise
+        if args.verbose:
+            traceback.print_exc()
+        message = _describe(failure)
+        if args.command == "worker" and os.environ.get(REPORT_ENV):
+            # Launched: the launcher reads this and names the worker in its own one line.
+            print(f"{FAILED} {message}", flush=True)
+        else:
+            print(f"aiosyft {args.command}: error: {message}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -5,8 +5,14 @@ child's line, then connects (the connection's ping is the health check). The lau
 identities: a fresh secret for each worker and for the leader (``me``), a credentials file of
 their hashes that every worker checks connections against, and each child's own secret in its
 environment (never on a command line, where ``ps`` shows it). Children watch their
-standard input, which the launcher holds open: when the launcher goes away by any means, even
-SIGKILL, each child sees end-of-file and stops, so no worker outlives it.
+standard input, a pipe the launcher holds open: when the launcher goes away by any means, even
+SIGKILL, each child sees end-of-file and stops, so no worker outlives it. A worker whose standard
+input is no pipe (a terminal, ``/dev/null`` under systemd, nohup or a container, a file, none at
+all) has no launcher to outlive and serves until it is signalled.
+
+A child that cannot start (a port in use, a missing dataset) says why in one ``FAILED <reason>``
+line on its standard output instead of its own error line, and the launcher reports it naming the
+worker, so a failed launch is one line too. Children log at the level their launcher logs.
 """
 
 from __future__ import annotations
@@ -14,13 +20,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import os
 import signal
+import stat
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 
+import structlog
 import torch
 
 import actors
@@ -32,8 +41,10 @@ from actors.identity import (
     from_environment,
     new_secret,
 )
-from actors.log import get_logger
+from actors.log import get_logger, verbosity
+from actors.worker import GRACE
 from privacy.federated import publish_shard
+from protocol import WorkerLost
 from runners.datasets import load
 from runners.federated import Federation
 
@@ -41,6 +52,9 @@ from runners.federated import Federation
 LEADER = "me"
 
 READY = "READY"
+#: A launched child's report that it could not start, and the variable that asks it for one.
+FAILED = "FAILED"
+REPORT_ENV = "AIOSYFT_REPORT_TO_LAUNCHER"
 _START_TIMEOUT = 60.0
 _STOP_TIMEOUT = 5.0
 
@@ -49,6 +63,20 @@ _STOP_TIMEOUT = 5.0
 #: cover a peer's training step (a walk's hop), short enough not to starve other processes on a
 #: small host: on 2 cores, 0.5-1 ms made the Table 1 walk 20% faster, 3 ms made it slower.
 SPIN = 0.001
+
+
+class WorkerStartFailed(WorkerLost):
+    """A worker process exited, or said it failed, before it was ready."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on ``host`` is reachable from this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a name: it may resolve to anything
+        return False
 
 
 def warm_up(threads: int) -> None:
@@ -97,20 +125,25 @@ async def run_worker(
     data: tuple[Federation, int, str | None] | None = None,
     spin: float = SPIN,
     enable: Iterable[str] | None = None,
+    grace: float = GRACE,
 ) -> None:
-    """Serve one worker until SIGTERM, SIGINT or end of standard input (the launcher is gone).
+    """Serve one worker until SIGTERM, SIGINT or, when its standard input is a pipe, the end of it
+    (the launcher is gone).
 
     Credentials and the worker's own secret default to what the environment holds (a
     launcher's children); with none, any peer may claim any identity (a warning says so).
     With ``data`` = (federation, shard, data directory) the worker first loads the dataset and
     publishes its shard as its own data, releasing model updates. ``spin``: see
-    :meth:`actors.Worker.note_waiting`; ``enable``: the command sets it serves.
+    :meth:`actors.Worker.note_waiting`; ``enable``: the command sets it serves; ``grace``: how
+    long a departed identity's objects are kept for it.
     """
     warm_up(threads)
     env_credentials, env_secret = from_environment()
     credentials = credentials or env_credentials
     secret = secret or env_secret
-    worker = actors.Worker(worker_id, credentials=credentials, secret=secret, spin=spin, enable=enable)
+    worker = actors.Worker(
+        worker_id, credentials=credentials, secret=secret, spin=spin, enable=enable, grace=grace
+    )
     if data is not None:
         federation, shard, directory = data
         x, y = federation.shards(load(federation.dataset, directory, seed=federation.seed))[shard]
@@ -123,7 +156,7 @@ async def run_worker(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    watcher = loop.create_task(_watch_stdin(stop))
+    watcher = loop.create_task(_watch_stdin(stop, log))
     print(f"{READY} {server.address}", flush=True)
     log.info("serving", address=server.address)
     await stop.wait()
@@ -132,14 +165,30 @@ async def run_worker(
     await server.close()
 
 
-async def _watch_stdin(stop: asyncio.Event) -> None:
-    if sys.stdin is None or sys.stdin.isatty():
+async def _watch_stdin(stop: asyncio.Event, log: structlog.stdlib.BoundLogger) -> None:
+    """Set ``stop`` when the launcher's pipe on standard input ends.
+
+    Only a pipe (or socket) is a launcher's: ``/dev/null`` ends at once and a file soon, but a
+    worker started so (systemd, nohup, containers) must keep serving; a terminal and a closed
+    standard input (``sys.stdin`` is None; fd 0 may since belong to a socket) say nothing either.
+    """
+    if sys.stdin is None:
+        return
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (OSError, ValueError):  # closed after all
+        return
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
         return
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    while await reader.read(1 << 16):
-        pass
+    try:
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        while await reader.read(1 << 16):
+            pass
+    except OSError as exc:  # the pipe broke: its other end is as gone as at end-of-file
+        log.debug("standard input failed", error=str(exc))
+    log.info("standard input closed: the launcher is gone")
     stop.set()
 
 
@@ -192,10 +241,10 @@ async def start_processes(
     try:
         for index, worker_id in enumerate(ids):
             env = {**os.environ, CREDENTIALS_ENV: str(credentials), IDENTITY_ENV: worker_id,
-                   SECRET_ENV: secrets_by_id[worker_id]}  # fmt: skip
+                   SECRET_ENV: secrets_by_id[worker_id], REPORT_ENV: "1"}  # fmt: skip
             worker_port = port + index if port else 0
-            command = [sys.executable, "-m", "runners.cli", "worker", "--id", worker_id,
-                       "--transport", transport, "--host", host, "--port", str(worker_port),
+            command = [sys.executable, "-m", "runners.cli", *["-v"] * verbosity(), "worker", "--id",
+                       worker_id, "--transport", transport, "--host", host, "--port", str(worker_port),
                        "--threads", str(threads)]  # fmt: skip
             if federation is not None:
                 command += federation.worker_arguments(index)
@@ -214,11 +263,19 @@ async def start_processes(
 
 async def _ready(worker_id: str, process: asyncio.subprocess.Process) -> str:
     assert process.stdout is not None
-    async with asyncio.timeout(_START_TIMEOUT):
-        while line := (await process.stdout.readline()).decode():
-            if line.startswith(READY + " "):
-                return line.split()[1]
-    raise RuntimeError(f"worker {worker_id} exited (code {await process.wait()}) before it was ready")
+    try:
+        async with asyncio.timeout(_START_TIMEOUT):
+            while line := (await process.stdout.readline()).decode():
+                if line.startswith(READY + " "):
+                    return line.split()[1]
+                if line.startswith(FAILED + " "):
+                    raise WorkerStartFailed(
+                        f"worker {worker_id} could not start: {line[len(FAILED) + 1 :].strip()}"
+                    )
+            code = await process.wait()
+    except TimeoutError:
+        raise WorkerStartFailed(f"worker {worker_id} was not ready within {_START_TIMEOUT:g} s") from None
+    raise WorkerStartFailed(f"worker {worker_id} exited (status {code}) before it was ready")
 
 
 async def stop_processes(cluster: Cluster) -> None:
@@ -272,7 +329,7 @@ async def launch(
     ids: list[str], transport: str, host: str, port: int, enable: Iterable[str] | None = None
 ) -> None:
     """``aiosyft launch``: start the workers, print where they are and where the leader's
-    secret is, stop them all on a signal."""
+    secret is, stop them all on a signal, or (raising :class:`WorkerLost`) when one exits."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -293,8 +350,13 @@ async def launch(
         _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for waiter in pending:
             waiter.cancel()
-        for worker_id, process in cluster.processes.items():
-            if process.returncode is not None and not stop.is_set():
-                print(f"worker {worker_id} exited with code {process.returncode}; stopping all", flush=True)
+        exited = [
+            (worker_id, p.returncode)
+            for worker_id, p in cluster.processes.items()
+            if p.returncode is not None
+        ]
+        if exited and not stop.is_set():  # a lost worker is a failure of the launch, stated once
+            worker_id, code = exited[0]
+            raise WorkerLost(f"worker {worker_id} exited with status {code}; stopping every worker")
     finally:
         await stop_processes(cluster)

@@ -17,8 +17,8 @@ async def demo() -> None:
         x_ptr = actors.send(x, bob)
         print(f"sent a tensor to bob: {x_ptr!r}")
 
-        y_ptr = torch.sigmoid(x_ptr @ x_ptr.t() + 1).sum(dim=0)  # three commands, no waiting
-        print(f"pipelined three operations: {y_ptr!r} (not resolved yet)")
+        y_ptr = torch.sigmoid(x_ptr @ x_ptr.t() + 1).sum(dim=0)  # five commands, no waiting
+        print(f"pipelined five operations: {y_ptr!r} (not resolved yet)")
         await y_ptr
         print(f"resolved: shape={tuple(y_ptr.shape)} dtype={y_ptr.dtype}")
         y = await y_ptr.get()

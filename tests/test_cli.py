@@ -5,9 +5,13 @@ values it is a quotient of."""
 from __future__ import annotations
 
 import ast
+import collections
 import copy
 import json
 import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +20,7 @@ from torch import nn
 
 from runners.cli import main
 from runners.datasets import Dataset, DatasetError, data_dir, fetch, load
+from runners.demo import demo
 
 
 def _have_data() -> bool:
@@ -137,7 +142,7 @@ def test_demo_prints_what_plain_pytorch_computes(capsys) -> None:
     expected = torch.sigmoid(x @ x.t() + 1).sum(dim=0)
     at_bob, at_alice = r"<PointerTensor bob:0x[0-9a-f]+", r"<PointerTensor alice:0x[0-9a-f]+>"
     assert re.fullmatch(rf"sent a tensor to bob: {at_bob} shape=\(2, 2\) dtype=torch.float32>", lines[0])
-    assert re.fullmatch(rf"pipelined three operations: {at_bob}> \(not resolved yet\)", lines[1])
+    assert re.fullmatch(rf"pipelined five operations: {at_bob}> \(not resolved yet\)", lines[1])
     assert lines[2] == f"resolved: shape={tuple(expected.shape)} dtype={expected.dtype}"
     got = re.fullmatch(r"got (\[.*\]); plain PyTorch gives (\[.*\])", lines[3])
     assert got is not None
@@ -259,3 +264,77 @@ def test_table1_rows_chart_and_identical_models(tmp_path, capsys) -> None:
             assert printed[mode] == [*ours, *PAPER_CELLS[mode]]
     assert out.rstrip("\n").rpartition("\n")[2] == f"chart: {chart}"
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- what the README and the demo say is sent is what is sent ------------------------------------
+NUMBER_WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8}
+
+
+@pytest.fixture
+def commands_by_line(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], collections.Counter[int]]:
+    """Every COMMAND any connection sends, counted by the line of ``filename`` that sent it."""
+    from actors.connection import Connection  # noqa: PLC0415
+    from protocol import Command  # noqa: PLC0415
+
+    sent: list[tuple[str, int]] = []
+
+    def sender() -> None:  # the innermost frame outside the runtime: the line that was run
+        frame = sys._getframe(2)
+        while frame is not None and Path(frame.f_code.co_filename).parent.name in ("actors", "protocol"):
+            frame = frame.f_back
+        if frame is not None:
+            sent.append((frame.f_code.co_filename, frame.f_lineno))
+
+    command, tell, tell_all = Connection.command, Connection.tell, Connection.tell_all
+
+    def counted_command(self: Connection, *args: object) -> None:
+        sender()
+        command(self, *args)
+
+    def counted_tell(self: Connection, message: object) -> None:
+        if isinstance(message, Command):
+            sender()
+        tell(self, message)
+
+    def counted_tell_all(self: Connection, messages: list[object]) -> None:
+        for message in messages:
+            if isinstance(message, Command):
+                sender()
+        tell_all(self, messages)
+
+    monkeypatch.setattr(Connection, "command", counted_command)
+    monkeypatch.setattr(Connection, "tell", counted_tell)
+    monkeypatch.setattr(Connection, "tell_all", counted_tell_all)
+    return lambda filename: collections.Counter(line for name, line in sent if name == filename)
+
+
+def _claimed(source: str, pattern: str) -> tuple[int, int]:
+    """(line number, count) of the one line of ``source`` whose comment claims a count."""
+    claims = [(number, match[1]) for number, line in enumerate(source.splitlines(), 1)
+              if (match := re.search(pattern, line))]  # fmt: skip
+    assert len(claims) == 1, claims
+    number, word = claims[0]
+    return number, NUMBER_WORDS[word]
+
+
+def test_the_readme_example_sends_the_commands_it_says(commands_by_line, capsys) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"```python\n(.*?)```", readme, re.DOTALL)
+    assert block is not None
+    line, claimed = _claimed(block[1], r"# (\w+) commands sent")
+    exec(compile(block[1], "<README.md>", "exec"), {"__name__": "readme"})  # it runs asyncio.run(main())
+    assert commands_by_line("<README.md>")[line] == claimed
+    printed = float(capsys.readouterr().out.strip().removeprefix("tensor(").rstrip(")"))  # 4 decimals
+    assert printed == pytest.approx(
+        float(torch.sigmoid(torch.tensor([1.0, 2.0, 3.0]) * 2 + 1).sum()), abs=5e-5
+    )
+
+
+def test_the_demo_sends_the_commands_it_says(commands_by_line, capsys) -> None:
+    source = Path(demo.__code__.co_filename)
+    line, claimed = _claimed(source.read_text(), r"# (\w+) commands, no waiting")
+    main(["demo"])
+    assert commands_by_line(str(source))[line] == claimed
+    printed = re.search(r"^pipelined (\w+) operations: ", capsys.readouterr().out, re.MULTILINE)
+    assert printed is not None
+    assert NUMBER_WORDS[printed[1]] == claimed
