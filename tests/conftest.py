@@ -8,6 +8,7 @@ must have freed their remote objects (PySyft's leaks were exactly this).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -98,3 +99,37 @@ async def bob(make_worker: MakeWorker) -> actors.RemoteWorker:
 @pytest.fixture
 async def alice(make_worker: MakeWorker) -> actors.RemoteWorker:
     return await make_worker("alice")
+
+
+@contextlib.asynccontextmanager
+async def worker_in_hand(
+    transport: str, worker_id: str, *, identity: str = "me", **options: Any
+) -> AsyncIterator[tuple[actors.RemoteWorker, actors.Worker]]:
+    """A worker over ``transport`` and the actor behind it, both closed on exit.
+
+    For tests that must see what a worker holds without sending it anything: a ping would carry
+    any pending deletes along with it, so such a test reads the actor's store instead.
+    """
+    options = {"credentials": CREDENTIALS, "secret": secret_of(worker_id), **options}
+    server: actors.Server | None = None
+    handle: actors.RemoteWorker
+    if transport == "virtual":
+        virtual = actors.VirtualWorker(
+            worker_id, local_id=identity, local_secret=secret_of(identity), **options
+        )
+        handle, actor = virtual, virtual.worker
+    else:
+        server = await actors.serve(actors.Worker(worker_id, **options), transport)
+        actor = server.worker
+        handle = await actors.connect(server.address, identity=identity, secret=secret_of(identity))
+    try:
+        yield handle, actor
+    finally:
+        await handle.close()
+        if server is not None:
+            await server.close()
+
+
+async def connect_as(actor: actors.Worker, identity: str, **options: Any) -> actors.RemoteWorker:
+    """One more link to ``actor`` as ``identity``; its address says the transport."""
+    return await actors.connect(actor.address, identity=identity, secret=secret_of(identity), **options)
