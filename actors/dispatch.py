@@ -362,10 +362,15 @@ class Dispatch:
         Only behind what is, or will be, the sender's own (or the worker's): a message that
         names another identity's object would fail when it runs, and queued meanwhile it would
         hold up that owner's own messages for as long as the sender keeps it waiting."""
-        identity, wid = session.identity, self.worker.id
-        for obj_id in (*reads, *writes):
-            owner = self.owner_to_be(obj_id)
-            if owner is not None and owner != identity and owner != wid:  # noqa: PLR1714 - hot
+        identity, wid, owners, tails = session.identity, self.worker.id, self.store.owners, self.tails
+        for obj_id in (*reads, *writes):  # whose it is, or will be once what is pending is done
+            owner = owners.get(obj_id)
+            if owner is None:
+                entry = tails.get(obj_id)
+                if entry is None or entry[0] is None:
+                    continue
+                owner = entry[0].owner
+            if owner != identity and owner != wid:  # noqa: PLR1714 - hot
                 raise self.policy.refuse(obj_id, identity, f"use an object of {owner}")
         if self.worker.spin:
             self.worker.note_waiting()
@@ -373,16 +378,6 @@ class Dispatch:
         after = list(session.parked) if session.barrier in writes else ()
         session.parked[node] = None
         self.scheduler.add(node, after)
-
-    def owner_to_be(self, obj_id: int) -> str | None:
-        """Whose ``obj_id`` is, or will be once what is pending on it is done (``None``: unknown,
-        or a session barrier)."""
-        owner = self.store.owners.get(obj_id)
-        if owner is None:
-            entry = self.tails.get(obj_id)
-            if entry is not None and entry[0] is not None:
-                owner = entry[0].owner
-        return owner
 
     def run_parked(self, node: _Parked) -> None:
         session, message = node.session, node.message

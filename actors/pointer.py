@@ -106,19 +106,43 @@ class ObjectPointer:
         connection = self.location.connection
         return connection.ask(Get(connection.next_id(), connection.local_id, self.id, GetMode.COPY))
 
-    def move(self, destination: RemoteWorker) -> Self:
+    def move(self, destination: RemoteWorker, *, announced: int | None = None) -> Self:
         """Move the object to ``destination``, worker to worker; this pointer follows it.
 
         Nothing is awaited: commands sent afterwards to ``destination`` that use the object wait
-        on that worker until it has arrived.
+        on that worker until it has arrived. ``announced``: an id :func:`plan_route` announced
+        there for this hop (no EXPECT is sent now).
         """
         self._check_live()
         if self.location is not destination:  # one object: the general case's grouping, without it
-            new_id = new_object_id()
-            there = destination.connection
-            there.tell(Expect(there.next_id(), there.local_id, [new_id], self.location.id))
-            _forward([self], [new_id], destination)
+            if announced is None:
+                announced = new_object_id()
+                there = destination.connection
+                there.tell(Expect(there.next_id(), there.local_id, [announced], self.location.id))
+            _forward([self], [announced], destination)
         return self
+
+
+def plan_route(start: RemoteWorker, route: list[RemoteWorker]) -> list[int | None]:
+    """Announce the hops of an object that will visit ``route`` in order from ``start``: one
+    EXPECT per (destination, source) instead of one per hop. Returns, per stop, the id to pass
+    as ``move(..., announced=)`` (``None`` where the object is already there). Every announced
+    hop must be made: an announcement nobody fulfils waits out its deadline."""
+    ids: list[int | None] = []
+    groups: dict[tuple[int, int], tuple[RemoteWorker, RemoteWorker, list[int]]] = {}
+    here = start
+    for stop in route:
+        if stop is here:
+            ids.append(None)
+            continue
+        new_id = new_object_id()
+        groups.setdefault((id(stop), id(here)), (stop, here, []))[2].append(new_id)
+        ids.append(new_id)
+        here = stop
+    for destination, source, group in groups.values():
+        there = destination.connection
+        there.tell(Expect(there.next_id(), there.local_id, group, source.id))
+    return ids
 
 
 def move_pointers(pointers: list[ObjectPointer], destination: RemoteWorker) -> None:

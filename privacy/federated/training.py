@@ -25,7 +25,7 @@ from torch import nn
 
 import actors
 from actors.log import get_logger
-from actors.pointer import call
+from actors.pointer import call, plan_route
 from privacy.federated.data import FederatedDataLoader, FederatedDataset, Shard, epoch_plan, shard_order
 from privacy.federated.steps import LOSSES, fit, flat_parameters, load_flat, spec_key
 from protocol import WorkerLost
@@ -124,8 +124,10 @@ async def _walk_fused(
 
     def epoch_steps(epoch: int) -> _Epoch:
         sent = _Epoch()
-        for worker, x, y, rows in loader.epoch_rows(epoch):
-            flat.move(worker)  # one tensor, worker to worker; nothing when it is already there
+        steps = list(loader.epoch_rows(epoch))
+        hops = plan_route(flat.location, [worker for worker, *_ in steps])  # the epoch's EXPECTs at once
+        for (worker, x, y, rows), hop in zip(steps, hops, strict=True):
+            flat.move(worker, announced=hop)  # one tensor, worker to worker; nothing when already there
             sent.add(worker, call(worker, "nn.sgd_step", [key, flat, x, y], {**options, "rows": rows}))
         return sent.ask_mean()
 
