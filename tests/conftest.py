@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import functools
 import gc
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812 - the name everyone reads
 
 import actors
 from actors.identity import Credentials, derive_secret
+from runners.datasets import DatasetError, data_dir, fetch
 
 TRANSPORTS = ["virtual", "ws", "tcp"]
 #: Every test worker checks identities against secrets derived from this; the leader is "me".
@@ -133,3 +138,76 @@ async def worker_in_hand(
 async def connect_as(actor: actors.Worker, identity: str, **options: Any) -> actors.RemoteWorker:
     """One more link to ``actor`` as ``identity``; its address says the transport."""
     return await actors.connect(actor.address, identity=identity, secret=secret_of(identity), **options)
+
+
+# -- what several test files share --------------------------------------------------------------
+def _have_datasets() -> bool:
+    try:
+        fetch("boston", download=False)
+        fetch("pima", download=False)
+    except DatasetError:
+        return False
+    return True
+
+
+#: For tests that read the paper's datasets (CI points $AIOSYFT_DATA at them).
+needs_data = pytest.mark.skipif(not _have_datasets(), reason=f"datasets not found in {data_dir()}")
+
+
+def worker_pids(marker: str) -> list[int]:
+    """Pids of ``aiosyft worker`` processes whose command line mentions ``marker`` (a unique id
+    or a part of one): how tests see that no worker outlived its launcher."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if marker in cmdline and "runners.cli" in cmdline and " worker " in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def plain_fedavg(
+    model: torch.nn.Module,
+    shards: list[tuple[torch.Tensor, torch.Tensor]],
+    weights: list[float],
+    *,
+    rounds: int,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.mse_loss,
+) -> list[float]:
+    """FedAvg written out in plain PyTorch, sharing nothing with the project but its documented
+    seeding (worker k shuffles round r with a generator seeded ``seed * 1_000_003 + r * 1_009 +
+    k``): each worker trains a copy of ``model`` for ``epochs`` epochs of ``torch.optim.SGD`` on
+    shuffled mini-batches, and the copies' states are combined into ``model`` with ``weights``.
+    Returns each round's loss: the same weighted mean of the workers' mean batch losses."""
+    losses = []
+    for round_ in range(rounds):
+        states, mean_losses = [], []
+        for k, (x, y) in enumerate(shards):
+            local = copy.deepcopy(model)
+            optimizer = torch.optim.SGD(local.parameters(), lr=lr)
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + round_ * 1_009 + k)
+            values = []
+            for _ in range(epochs):
+                for batch in torch.randperm(len(x), generator=generator).split(batch_size):
+                    optimizer.zero_grad()
+                    loss = loss_fn(local(x[batch]), y[batch])
+                    loss.backward()
+                    optimizer.step()
+                    values.append(loss.item())
+            states.append(local.state_dict())
+            mean_losses.append(sum(values) / len(values))
+        model.load_state_dict(
+            {
+                name: sum(w * state[name] for w, state in zip(weights, states, strict=True))
+                for name in states[0]
+            }
+        )
+        losses.append(sum(w * value for w, value in zip(weights, mean_losses, strict=True)))
+    return losses

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ast
 import collections
-import copy
 import json
 import re
 import sys
@@ -19,20 +18,9 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from runners.cli import main
-from runners.datasets import Dataset, DatasetError, data_dir, fetch, load
+from runners.datasets import Dataset, load
 from runners.demo import demo
-
-
-def _have_data() -> bool:
-    try:
-        fetch("boston", download=False)
-        fetch("pima", download=False)
-    except DatasetError:
-        return False
-    return True
-
-
-needs_data = pytest.mark.skipif(not _have_data(), reason=f"datasets not found in {data_dir()}")
+from tests.conftest import needs_data, plain_fedavg
 
 
 # -- plain PyTorch: what the training commands compute, written out without the project's code ----
@@ -71,34 +59,13 @@ def _plain_walk(data: Dataset, epochs: int) -> tuple[nn.Module, float]:
 
 
 def _plain_fedavg(data: Dataset, rounds: int, epochs: int) -> tuple[nn.Module, float]:
-    """FedAvg (Pima defaults: SGD lr 0.01, batch 8, BCE on logits): each round each worker trains
-    a copy on its shard, batches shuffled by a generator seeded ``round * 1009 + shard``; the
-    states are averaged weighted by shard size. Returns the model and the last round's loss."""
+    """FedAvg with Pima's defaults (SGD lr 0.01, batch 8, BCE on logits, seed 0) on the CLI's
+    round-robin shards, weighted by shard size. Returns the model and the last round's loss."""
     model, shards = _mlp(data.x_train.shape[1]), _round_robin(data)
     weights = [len(x) / len(data.x_train) for x, _ in shards]
-    for round_ in range(rounds):
-        states, means = [], []
-        for k, (x, y) in enumerate(shards):
-            local = copy.deepcopy(model)
-            optimizer = torch.optim.SGD(local.parameters(), lr=0.01)
-            generator = torch.Generator().manual_seed(round_ * 1_009 + k)
-            values = []
-            for _ in range(epochs):
-                for batch in torch.randperm(len(x), generator=generator).split(8):
-                    optimizer.zero_grad()
-                    loss = F.binary_cross_entropy_with_logits(local(x[batch]), y[batch])
-                    loss.backward()
-                    optimizer.step()
-                    values.append(loss.item())
-            states.append(local.state_dict())
-            means.append(sum(values) / len(values))
-        model.load_state_dict(
-            {
-                name: sum(w * state[name] for w, state in zip(weights, states, strict=True))
-                for name in states[0]
-            }
-        )
-    return model, sum(w * mean for w, mean in zip(weights, means, strict=True))
+    losses = plain_fedavg(model, shards, weights, rounds=rounds, epochs=epochs, lr=0.01, batch_size=8, seed=0,
+                          loss_fn=F.binary_cross_entropy_with_logits)  # fmt: skip
+    return model, losses[-1]
 
 
 def _test_output(model: nn.Module, data: Dataset) -> torch.Tensor:

@@ -27,23 +27,12 @@ from actors.log import verbosity
 from runners import datasets
 from runners.cli import main
 from runners.cluster import REPORT_ENV
-from runners.datasets import DATA_ENV, DatasetError, fetch
-from tests.conftest import bounded
+from runners.datasets import DATA_ENV
+from tests.conftest import bounded, needs_data, worker_pids
 
 ROOT = Path(__file__).resolve().parent.parent
 #: What a hand-started worker's environment must not inherit from the test's.
 LAUNCHER_ENV = (CREDENTIALS_ENV, CLUSTER_SECRET_ENV, IDENTITY_ENV, SECRET_ENV, REPORT_ENV)
-
-
-def _have_data() -> bool:
-    try:
-        fetch("boston", download=False)
-    except DatasetError:
-        return False
-    return True
-
-
-needs_data = pytest.mark.skipif(not _have_data(), reason="the Boston dataset is not in the data directory")
 
 
 @pytest.fixture(autouse=True)
@@ -353,19 +342,6 @@ async def test_a_worker_without_a_launchers_pipe_keeps_serving() -> None:
         assert "Error" not in err
 
 
-def _pids_of(marker: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if f"--id {marker}" in cmdline and "runners.cli" in cmdline:
-                found.append(int(entry.name))
-    return found
-
-
 @bounded(90)
 async def test_a_lost_worker_ends_a_launch_in_one_line_and_status_1() -> None:
     tag = uuid.uuid4().hex[:8]
@@ -379,7 +355,7 @@ async def test_a_lost_worker_ends_a_launch_in_one_line_and_status_1() -> None:
     try:
         while not (await launcher.stdout.readline()).startswith(b"ready"):
             assert launcher.returncode is None
-        (pid,) = _pids_of(ids[1])
+        (pid,) = worker_pids(f"--id {ids[1]}")
         os.kill(pid, signal.SIGKILL)
         assert await _ended(launcher, 20)
     finally:
@@ -392,10 +368,10 @@ async def test_a_lost_worker_ends_a_launch_in_one_line_and_status_1() -> None:
     lost = f"worker {ids[1]} exited with status -9; stopping every worker"
     assert err == f"aiosyft launch: error: WorkerLost: {lost}\n"
     for _ in range(100):  # and the other worker went with it
-        if not _pids_of(ids[0]):
+        if not worker_pids(f"--id {ids[0]}"):
             break
         await asyncio.sleep(0.05)
-    assert _pids_of(ids[0]) == []
+    assert worker_pids(f"--id {ids[0]}") == []
 
 
 def test_verbosity_is_what_the_children_get() -> None:

@@ -24,22 +24,9 @@ from runners import local_cluster
 from runners.cluster import start_processes, stop_processes
 from runners.experiments import DEFAULTS
 from runners.federated import Federation
+from tests.conftest import worker_pids
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _processes_named(marker: str) -> list[int]:
-    """Pids whose command line mentions ``marker`` (a unique worker id)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if marker in cmdline and "runners.cli worker" in cmdline:
-                found.append(int(entry.name))
-    return found
 
 
 def _port_is_free(address: str) -> bool:
@@ -50,7 +37,7 @@ def _port_is_free(address: str) -> bool:
 
 async def _wait_gone(marker: str, seconds: float = 10.0) -> list[int]:
     for _ in range(int(seconds * 20)):
-        if not (left := _processes_named(marker)):
+        if not (left := worker_pids(marker)):
             return []
         await asyncio.sleep(0.05)
     return left
@@ -137,7 +124,7 @@ async def test_launch_stops_every_worker(how):
     tag = uuid.uuid4().hex[:8]
     ids = [f"erin-{tag}", f"fred-{tag}"]
     launcher, addresses, secret = await _launch(ids, "ws")
-    assert len(_processes_named(tag)) == 2
+    assert len(worker_pids(tag)) == 2
     async with aiohttp.ClientSession() as session:
         for worker_id, address in addresses.items():
             async with session.get(address.replace("ws://", "http://") + "/health") as response:

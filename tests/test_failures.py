@@ -19,23 +19,12 @@ import actors
 from actors.pointer import PointerTensor, new_object_id
 from protocol import Expect, Forward, WorkerLost
 from runners.cluster import local_cluster
-from runners.datasets import DatasetError, fetch, load
+from runners.datasets import load
 from runners.experiments import DEFAULTS, federated_run
 from runners.federated import Federation
-from tests.conftest import bounded
+from tests.conftest import bounded, needs_data
 
 NETWORK = ["ws", "tcp"]
-
-
-def _have_data() -> bool:
-    try:
-        fetch("boston", download=False)
-    except DatasetError:
-        return False
-    return True
-
-
-needs_data = pytest.mark.skipif(not _have_data(), reason="the Boston dataset is not in the data directory")
 
 
 async def _kill_during(run: asyncio.Task[object], process: asyncio.subprocess.Process, after: float) -> float:

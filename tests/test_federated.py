@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import gc
 import itertools
 from collections.abc import AsyncIterator
@@ -47,7 +46,7 @@ from protocol.modules import module_spec
 from runners.datasets import SOURCES, Dataset, data_dir, load
 from runners.experiments import DEFAULTS, federated_run, federated_workers, train_command
 from runners.federated import Federation
-from tests.conftest import CREDENTIALS, secret_of
+from tests.conftest import CREDENTIALS, plain_fedavg, secret_of
 
 TOY = "toy"
 
@@ -379,35 +378,13 @@ async def test_walk_training_with_three_uneven_shards_equals_plain_pytorch(trans
 def _plain_fedavg(
     model: torch.nn.Module, shards: list[tuple[torch.Tensor, torch.Tensor]], options: Settings, rounds: int
 ) -> list[float]:
-    """FedAvg written out in plain PyTorch, independently of the project's code: each round every
-    worker trains a copy of the model with ``torch.optim.SGD`` on shuffled mini-batches of its
-    shard (one generator per worker and round, seeded as the jobs are), then the copies' states
-    are averaged weighted by shard size into ``model``. Returns each round's weighted mean loss."""
+    """FedAvg written out in plain PyTorch (:func:`tests.conftest.plain_fedavg`), weighted by
+    shard size, with ``options``' settings."""
     total = sum(len(x) for x, _ in shards)
-    losses = []
-    for round_ in range(rounds):
-        states, mean_losses = [], []
-        for k, (x, y) in enumerate(shards):
-            local = copy.deepcopy(model)
-            optimizer = torch.optim.SGD(local.parameters(), lr=options.lr)
-            generator = torch.Generator().manual_seed(options.seed * 1_000_003 + round_ * 1_009 + k)
-            values = []
-            for _ in range(options.epochs):
-                for batch in torch.randperm(len(x), generator=generator).split(options.batch_size):
-                    optimizer.zero_grad()
-                    loss = F.mse_loss(local(x[batch]), y[batch])
-                    loss.backward()
-                    optimizer.step()
-                    values.append(loss.item())
-            states.append(local.state_dict())
-            mean_losses.append(sum(values) / len(values))
-        weights = [len(x) / total for x, _ in shards]
-        averaged = {
-            name: sum(w * state[name] for w, state in zip(weights, states, strict=True)) for name in states[0]
-        }
-        model.load_state_dict(averaged)
-        losses.append(sum(w * value for w, value in zip(weights, mean_losses, strict=True)))
-    return losses
+    return plain_fedavg(
+        model, shards, [len(x) / total for x, _ in shards], rounds=rounds, epochs=options.epochs,
+        lr=options.lr, batch_size=options.batch_size, seed=options.seed,
+    )  # fmt: skip
 
 
 def _assert_same_state(trained: torch.nn.Module, reference: torch.nn.Module) -> None:

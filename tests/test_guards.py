@@ -31,7 +31,7 @@ from actors.pointer import ObjectPointer, call
 from privacy.federated import FederatedDataset, Settings, publish_shard, train_fedavg
 from protocol import CommandNotAllowed, WorkerLost
 from protocol.allowlist import COMMANDS
-from tests.conftest import CREDENTIALS, bounded, connect_as, secret_of, worker_in_hand
+from tests.conftest import CREDENTIALS, bounded, connect_as, plain_fedavg, secret_of, worker_in_hand
 
 NETWORK = ["ws", "tcp"]
 
@@ -52,51 +52,6 @@ def _seeded_mlp(seed: int) -> nn.Sequential:
         for p in model.parameters():
             p.copy_(0.5 * torch.randn(p.shape, generator=generator))
     return model
-
-
-def _fedavg_by_hand(
-    model: nn.Module,
-    shards: list[tuple[torch.Tensor, torch.Tensor]],
-    weights: list[float],
-    *,
-    rounds: int,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
-) -> list[float]:
-    """FedAvg in plain PyTorch, sharing nothing with the project but its documented seeding
-    (worker k shuffles round r with a generator seeded ``seed * 1_000_003 + r * 1_009 + k``).
-    Each worker runs ``epochs`` epochs of mini-batch SGD written out here, then the states are
-    combined with ``weights``. Returns each round's loss, the same weighted mean of the workers'
-    mean batch losses."""
-    losses = []
-    for round_ in range(rounds):
-        states, mean_losses = [], []
-        for k, (x, y) in enumerate(shards):
-            local = copy.deepcopy(model)
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + round_ * 1_009 + k)
-            values = []
-            for _ in range(epochs):
-                for batch in torch.randperm(len(x), generator=generator).split(batch_size):
-                    for p in local.parameters():
-                        p.grad = None
-                    loss = F.mse_loss(local(x[batch]), y[batch])
-                    loss.backward()
-                    with torch.no_grad():
-                        for p in local.parameters():
-                            p.sub_(lr * p.grad)
-                    values.append(loss.item())
-            states.append({name: t.detach().clone() for name, t in local.state_dict().items()})
-            mean_losses.append(sum(values) / len(values))
-        model.load_state_dict(
-            {
-                name: sum(w * state[name] for w, state in zip(weights, states, strict=True))
-                for name in states[0]
-            }
-        )
-        losses.append(sum(w * value for w, value in zip(weights, mean_losses, strict=True)))
-    return losses
 
 
 @bounded(30)
@@ -138,10 +93,8 @@ async def test_fedavg_equals_a_plain_pytorch_loop_weighted_by_shard_size() -> No
         "seed": options.seed,
     }
     weighted, unweighted = _seeded_mlp(seed=13), _seeded_mlp(seed=13)
-    expected_losses = _fedavg_by_hand(
-        weighted, shards, [s / sum(sizes) for s in sizes], rounds=rounds, **hand
-    )
-    _fedavg_by_hand(unweighted, shards, [1 / len(sizes)] * len(sizes), rounds=rounds, **hand)
+    expected_losses = plain_fedavg(weighted, shards, [s / sum(sizes) for s in sizes], rounds=rounds, **hand)
+    plain_fedavg(unweighted, shards, [1 / len(sizes)] * len(sizes), rounds=rounds, **hand)
 
     ours, by_size, equal = trained.state_dict(), weighted.state_dict(), unweighted.state_dict()
     gap = max((by_size[name] - equal[name]).abs().max().item() for name in by_size)
