@@ -84,13 +84,16 @@ def start_flow(
     calls: dict[RemoteWorker, tuple[list[Any], dict[str, Any] | None]],
     *,
     flow_id: int | None = None,
+    ops: dict[RemoteWorker, str] | None = None,
 ) -> dict[RemoteWorker, PointerTensor]:
     """Start one run of flow ``op``: each worker gets ``op(*args, **kwargs)`` with the run's id
-    and every party's address. Returns each party's result pointer at once."""
+    and every party's address. Returns each party's result pointer at once. ``ops`` gives some
+    parties another flow of the same run (a crypto provider runs its half of a protocol as a
+    command of its own set, which the other parties do not serve)."""
     run = new_object_id() if flow_id is None else flow_id
     parties = {worker.id: worker.address for worker in calls}
     results = {}
     for worker, (args, kwargs) in calls.items():
         options = {**(kwargs or {}), FLOW_OPTION: [run, parties]}
-        results[worker] = call(worker, op, list(args), options)
+        results[worker] = call(worker, (ops or {}).get(worker, op), list(args), options)
     return results

@@ -2,7 +2,9 @@
 
 ``hook_torch()`` adds ``send``/``get``/``move`` to ``torch.Tensor`` and ``torch.nn.Module`` so
 scripts read like the paper (``x.send(bob)``, ``model.send(bob)``, ``await model.get()``).
-Nothing in aiosyft needs it; ``unhook_torch()`` takes it away again.
+Nothing in aiosyft needs it; ``unhook_torch()`` takes it away again. Rooms above this one add
+their own methods (``mpc``: ``fix_precision``, ``share``) with :func:`provide`, so the hook
+installs them without importing upward.
 """
 
 from __future__ import annotations
@@ -16,6 +18,14 @@ from actors.api import get, move, send
 from actors.module import location_of
 
 _ADDED: list[tuple[type, str]] = []
+_PROVIDED: dict[tuple[type, str], Any] = {}
+
+
+def provide(cls: type, name: str, value: Any) -> None:
+    """Have :func:`hook_torch` add ``value`` as ``cls.name`` (now, if the hook is already in)."""
+    _PROVIDED[(cls, name)] = value
+    if _ADDED and (cls, name) not in _ADDED:
+        _add(cls, name, value)
 
 
 def _add(cls: type, name: str, value: Any) -> None:
@@ -34,6 +44,8 @@ def hook_torch() -> None:
     _add(nn.Module, "get", get)
     _add(nn.Module, "move", move)
     _add(nn.Module, "location", property(location_of))
+    for (cls, name), value in _PROVIDED.items():
+        _add(cls, name, value)
 
 
 def unhook_torch() -> None:

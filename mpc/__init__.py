@@ -1,4 +1,25 @@
-"""Secure multi-party computation (SPDZ), fixed-point encoding and the crypto provider.
+"""Secure multi-party computation (SPDZ): fixed-point encoding, additive sharing, the crypto
+provider and the protocols, one file each.
 
-Arrives with the SPDZ issue; it builds on :mod:`actors` and :mod:`protocol` only.
+Importing :mod:`mpc` registers the ``mpc`` command set (what parties serve) and the ``provider``
+set (what a crypto provider serves). It builds on :mod:`actors` and :mod:`protocol` only.
 """
+
+from mpc import beaver, provider, truncation
+from mpc.provider import COMMAND_SET, PROVIDER_SET
+from mpc.ring import PRECISION, decode, encode
+from mpc.tensor import Cost, SharedTensor, share
+
+__all__ = [
+    "COMMAND_SET",
+    "PRECISION",
+    "PROVIDER_SET",
+    "Cost",
+    "SharedTensor",
+    "beaver",
+    "decode",
+    "encode",
+    "provider",
+    "share",
+    "truncation",
+]

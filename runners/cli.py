@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+import mpc  # noqa: F401 - registers the mpc and provider command sets
 import privacy  # noqa: F401 - registers the federated command set
 from actors import log
 from actors.identity import CLUSTER_SECRET_ENV, CREDENTIALS_ENV, Credentials, from_environment
@@ -33,8 +34,9 @@ from runners.experiments import TRANSPORTS as EXPERIMENT_TRANSPORTS
 from runners.experiments import settings_from, table1, train_command, use_data_dir
 from runners.federated import SPLITS, Federation
 
-#: What ``aiosyft worker`` serves by default beside the torch allowlist: federated training.
-DEFAULT_SETS = ("train",)
+#: What ``aiosyft worker`` serves by default beside the torch allowlist: federated training and
+#: being a party to SPDZ. Being a crypto provider is asked for (``--enable provider``).
+DEFAULT_SETS = ("train", "mpc")
 #: What a command that fails while running reports in one line (exit status 1); anything else
 #: is a bug and keeps its traceback. Dataset errors are SyftErrors; TimeoutError is an OSError.
 FAILURES = (SyftError, OSError)

@@ -1,0 +1,62 @@
+"""Beaver multiplication: the product of two shared tensors in one round of openings.
+
+With shares of a random triple ``(a, b, c = a ∘ b)`` from the provider (``∘`` is ``*``, ``@`` or
+a convolution: anything bilinear), every party opens ``eps = x - a`` and ``delta = y - b`` to
+every other party in ONE message, sums what it receives, and computes its share of
+``x ∘ y = c + eps ∘ b + a ∘ delta + eps ∘ delta`` (the public last term is added by party 0
+only). ``eps`` and ``delta`` are ``x`` and ``y`` masked by uniform ``a`` and ``b`` that no party
+knows, so the openings reveal nothing about them. Fixed-point products carry twice the
+fractional bits; :mod:`mpc.truncation` brings them back, in the same flow.
+
+A party sends only masked openings, and only to the other parties of the run: never to the
+leader, never to the provider, never its share.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from actors.context import Context
+from actors.registry import command
+from mpc.opening import check_parties, check_ring, open_all
+from mpc.provider import COMMAND_SET, PRODUCTS
+from mpc.truncation import truncate
+from protocol import BadArguments
+
+
+@command("mpc.beaver", command_set=COMMAND_SET, kind="flow")
+async def beaver(
+    ctx: Context,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    material: list[torch.Tensor],
+    *,
+    op: str,
+    parties: list[str],
+    precision: int | None = None,
+    trunc: list[torch.Tensor] | None = None,
+    options: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """This party's share of ``x ∘ y`` (truncated by ``precision`` bits if given)."""
+    index = check_parties(ctx, parties)
+    product = PRODUCTS.get(op)
+    if product is None:
+        raise BadArguments(f"unknown product {op!r}; known: {', '.join(PRODUCTS)}")
+    x, y = check_ring("x", x), check_ring("y", y)
+    if not (isinstance(material, list) and len(material) == 3):
+        raise BadArguments("beaver material is [a, b, c]")
+    a, b, c = (check_ring(name, t) for name, t in zip("abc", material, strict=True))
+    if a.shape != x.shape or b.shape != y.shape:
+        raise BadArguments(
+            f"the triple is for shapes {list(a.shape)} and {list(b.shape)}, "
+            f"the operands are {list(x.shape)} and {list(y.shape)}"
+        )
+    options = options or {}
+    eps, delta = await open_all(ctx, parties, "eps,delta", [x - a, y - b])
+    z = c + product(eps, b, options)
+    z += product(a + eps if index == 0 else a, delta, options)  # eps ∘ delta once, by party 0
+    if precision is None:
+        return z
+    return await truncate(ctx, z, precision, parties, index, trunc)

@@ -1,0 +1,59 @@
+"""What every protocol does the same way: who this party is in the run, what a share must be,
+and opening values to the other parties (one message to each, summed on arrival).
+
+An opening is sent only to the run's other parties, as the flow channel allows: never to the
+leader or the provider. What is opened must already be masked; this module cannot tell.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import torch
+
+from actors.context import Context
+from protocol import BadArguments
+
+
+def check_parties(ctx: Context, parties: Any) -> int:
+    """This party's index among ``parties`` (the run's parties in the leader's order)."""
+    if not isinstance(parties, list) or len(parties) < 2 or not all(isinstance(p, str) for p in parties):
+        raise BadArguments("parties is a list of two or more identities")
+    if len(set(parties)) != len(parties) or ctx.me not in parties:
+        raise BadArguments(f"{ctx.me} is not one of the parties {parties}")
+    missing = [p for p in parties if p not in ctx.parties]
+    if missing:
+        raise BadArguments(f"parties {missing} were not started in this run")
+    return parties.index(ctx.me)
+
+
+def check_ring(name: str, value: Any) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.int64:
+        raise BadArguments(
+            f"{name} must be an int64 share, got {getattr(value, 'dtype', type(value).__name__)}"
+        )
+    return value
+
+
+async def open_all(
+    ctx: Context, parties: list[str], tag: str, values: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Every party's ``values`` summed: one message to and one from each other party."""
+    others = [p for p in parties if p != ctx.me]
+    for party in others:
+        ctx.send(party, tag, values)
+    received = await asyncio.gather(*(ctx.recv(party, tag) for party in others))
+    totals = [v.clone() for v in values]
+    for party, theirs in zip(others, received, strict=True):
+        if not isinstance(theirs, list) or len(theirs) != len(values):
+            raise BadArguments(f"{party} opened {tag} with the wrong number of values")
+        for total, value in zip(totals, theirs, strict=True):
+            if (
+                not isinstance(value, torch.Tensor)
+                or value.dtype != torch.int64
+                or value.shape != total.shape
+            ):
+                raise BadArguments(f"{party} opened {tag} with a value of the wrong kind or shape")
+            total.add_(value)
+    return totals

@@ -1,0 +1,138 @@
+"""The crypto provider: correlated randomness for the parties, made without seeing any data.
+
+For a Beaver multiplication the parties need additive shares of random ``a``, ``b`` and
+``c = a * b`` (or ``a @ b``, ``conv2d(a, b)``); for truncation with more than two parties, shares
+of a random ``r`` and of ``r >> f``. The provider makes them in one flow per request:
+
+* party ``i < n - 1`` gets a 16-byte seed and expands all its shares from it (:func:`ring.expand`);
+* the last party gets a seed for its shares of the inputs and its share of the product
+  explicitly (the one correction: the product is not a function of its seed).
+
+So the provider sends ``16 (n - 1)`` bytes plus one tensor the size of the product, instead of
+three tensors per party. It learns shapes and nothing else: it never receives data, shares of
+data or openings. Each party's part of the run (:func:`receive_material`) returns its material
+as one object, which the protocol commands then take as an argument: the leader may ask for
+material long before it is needed (the online phase then never waits for the provider), or
+together with the operation (the provider works while the parties' commands arrive).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from actors.context import Context
+from actors.registry import command
+from mpc.ring import SEED_BYTES, check_precision, expand, new_seed
+from protocol import BadArguments
+
+#: The set parties serve (``aiosyft worker --enable mpc``) and the one providers serve.
+COMMAND_SET = "mpc"
+PROVIDER_SET = "provider"
+#: Largest number of ring elements one request may ask for (8 GiB of int64 per tensor).
+MAX_ELEMENTS = 2**30
+
+
+#: kind -> how the product is made from the two random inputs.
+PRODUCTS: dict[str, Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], torch.Tensor]] = {
+    "mul": lambda a, b, _: a * b,
+    "matmul": lambda a, b, _: a @ b,
+}
+KINDS = (*PRODUCTS, "trunc")
+
+
+def material_shapes(kind: str, shapes: Sequence[Sequence[int]], options: dict[str, Any]) -> list[list[int]]:
+    """The shapes of one party's material: the inputs', then the product's (or ``r``'s twice)."""
+    if kind not in KINDS:
+        raise BadArguments(f"unknown material kind {kind!r}; known: {', '.join(KINDS)}")
+    if kind == "trunc":
+        if len(shapes) != 1:
+            raise BadArguments("truncation material takes one shape")
+        return [list(shapes[0]), list(shapes[0])]
+    if len(shapes) != 2:
+        raise BadArguments(f"{kind} material takes two input shapes")
+    metas = [torch.empty(tuple(s), dtype=torch.int64, device="meta") for s in shapes]
+    try:
+        product = PRODUCTS[kind](metas[0], metas[1], options).shape
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise BadArguments(f"{kind} of shapes {list(shapes[0])} and {list(shapes[1])}: {exc}") from exc
+    return [list(shapes[0]), list(shapes[1]), list(product)]
+
+
+def _check_request(kind: str, shapes: Any, options: Any) -> list[list[int]]:
+    if not isinstance(shapes, list) or not all(
+        isinstance(s, list) and all(type(d) is int and d >= 0 for d in s) for s in shapes
+    ):
+        raise BadArguments("shapes must be lists of non-negative integers")
+    if not isinstance(options, dict):
+        raise BadArguments("options must be a map")
+    if kind == "trunc":
+        check_precision(options.get("precision"))
+    out = material_shapes(kind, shapes, {k: v for k, v in options.items() if k != "precision"})
+    if any(torch.Size(s).numel() > MAX_ELEMENTS for s in out):
+        raise BadArguments(f"material of more than {MAX_ELEMENTS} elements per tensor is refused")
+    return out
+
+
+@command("provider.material", command_set=PROVIDER_SET, kind="flow")
+async def make_material(
+    ctx: Context, kind: str, shapes: list[list[int]], parties: list[str], options: dict[str, Any]
+) -> None:
+    """The provider's half: expand every party's seed, make the product, send each party its own
+    part (a seed; the last one its product share too). Returns nothing: it keeps nothing."""
+    out = _check_request(kind, shapes, options)
+    if not isinstance(parties, list) or len(parties) < 2 or ctx.me in parties:
+        raise BadArguments("material is for two or more parties, the provider not among them")
+    seeds = [new_seed() for _ in parties]
+    inputs = out[:-1] if kind != "trunc" else out[:1]
+    totals: list[torch.Tensor] | None = None
+    correction = None
+    for i, seed in enumerate(seeds):
+        last = i == len(parties) - 1
+        mine = expand(seed, inputs if last else out)
+        totals = [t.clone() for t in mine[: len(inputs)]] if totals is None else totals
+        if i:
+            for total, part in zip(totals, mine, strict=False):
+                total.add_(part)
+        if not last:
+            correction = mine[-1].clone() if correction is None else correction.add_(mine[-1])
+    assert totals is not None and correction is not None
+    if kind == "trunc":
+        target = totals[0] >> options["precision"]  # shares of r and of r >> f
+    else:
+        target = PRODUCTS[kind](totals[0], totals[1], {k: v for k, v in options.items() if k != "precision"})
+    target -= correction
+    for i, (party, seed) in enumerate(zip(parties, seeds, strict=True)):
+        ctx.send(party, "material", [seed, target] if i == len(parties) - 1 else seed)
+
+
+@command("mpc.material", command_set=COMMAND_SET, kind="flow")
+async def receive_material(  # noqa: PLR0917 - one flow's fixed arguments
+    ctx: Context, kind: str, shapes: list[list[int]], provider: str, last: bool, options: dict[str, Any]
+) -> list[torch.Tensor]:
+    """A party's half: its material as ``[a, b, c]`` (``[r, r >> f]`` for truncation)."""
+    out = _check_request(kind, shapes, options)
+    message = await ctx.recv(provider, "material")
+    if last:
+        if not (isinstance(message, list) and len(message) == 2):
+            raise BadArguments("the provider's message to the last party is [seed, share]")
+        seed, product = message
+        expected = out[-1]
+    else:
+        seed, product, expected = message, None, None
+    if not isinstance(seed, bytes) or len(seed) != SEED_BYTES:
+        raise BadArguments(f"a material seed is {SEED_BYTES} bytes")
+    if product is None:
+        return expand(seed, out)
+    if (
+        not isinstance(product, torch.Tensor)
+        or product.dtype != torch.int64
+        or list(product.shape) != expected
+    ):
+        raise BadArguments(f"the provider's share should be int64 of shape {expected}")
+    return [*expand(seed, out[:-1]), product]
+
+
+__all__ = ["COMMAND_SET", "KINDS", "PROVIDER_SET", "make_material", "material_shapes", "receive_material"]

@@ -1,0 +1,340 @@
+"""The shared tensor (the paper's MPCTensor): one additive share on each party, driven by the leader.
+
+``share(x, alice, bob, crypto_provider=carol)`` leaves one share on each party; every operation
+returns a new :class:`SharedTensor` at once (its shares are pointers, so futures), and
+``await y.get()`` reconstructs. Linear operations (add, sub, neg, public scalars, sum, reshape,
+indexing, ...) run on each party's share alone: a pipelined command per party, no round.
+Products (``*``, ``@``) are one Beaver flow per operation, with the provider's material asked
+for in the same breath: independent products' rounds overlap, since nothing here waits.
+
+The leader is not a party: it sends commands and the parties' ids, and it holds pointers. It
+never receives a share or an opening during an operation; only :meth:`SharedTensor.get` fetches
+the result's shares, where the owners' policy allows it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+import actors
+from actors.flows import start_flow
+from actors.pointer import PointerTensor, call
+from mpc.ring import PRECISION, check_precision, decode, encode, split
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What one operation cost: rounds of openings, and bytes the parties sent one another
+    (``online_bytes``) and the provider sent the parties (``material_bytes``)."""
+
+    rounds: int = 0
+    online_bytes: int = 0
+    material_bytes: int = 0
+
+
+FREE = Cost()
+
+
+class SharedTensor:
+    """Additive shares of one secret over ``parties``, in fixed point with ``precision``
+    fractional bits (``None``: plain integers mod 2^64)."""
+
+    __slots__ = ("shares", "parties", "provider", "precision", "_meta", "cost")
+
+    def __init__(  # noqa: PLR0917 - the tensor's parts
+        self,
+        shares: Sequence[PointerTensor],
+        parties: Sequence[actors.RemoteWorker],
+        provider: actors.RemoteWorker | None,
+        precision: int | None,
+        shape: Sequence[int],
+        cost: Cost = FREE,
+    ) -> None:
+        if len(shares) != len(parties):
+            raise ValueError("one share per party")
+        self.shares = tuple(shares)
+        self.parties = tuple(parties)
+        self.provider = provider
+        self.precision = precision
+        self._meta = torch.empty(tuple(shape), dtype=torch.int64, device="meta")
+        self.cost = cost
+
+    # -- what it is -----------------------------------------------------------------------------
+    @property
+    def shape(self) -> torch.Size:
+        return self._meta.shape
+
+    def size(self, dim: int | None = None) -> Any:
+        return self._meta.shape if dim is None else self._meta.shape[dim]
+
+    def dim(self) -> int:
+        return self._meta.dim()
+
+    def numel(self) -> int:
+        return self._meta.numel()
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+    def __repr__(self) -> str:
+        fixed = f"precision={self.precision}" if self.precision is not None else "integers"
+        where = ", ".join(p.id for p in self.parties)
+        return f"<SharedTensor {list(self.shape)} over {where}, {fixed}>"
+
+    async def get(self) -> torch.Tensor:
+        """Reconstruct (the shares come to the caller, where the parties' policy allows)."""
+        shares = await asyncio.gather(*(share.get() for share in self.shares))
+        total = shares[0].clone()
+        for share in shares[1:]:
+            total += share
+        return total if self.precision is None else decode(total, self.precision)
+
+    def __await__(self) -> Any:
+        """``await y`` waits until every share exists (failures raise), and returns ``y``."""
+
+        async def resolved() -> SharedTensor:
+            await asyncio.gather(*(share.resolve() for share in self.shares))
+            return self
+
+        return resolved().__await__()
+
+    # -- building results -------------------------------------------------------------------------
+    def _like(self, shares: Sequence[PointerTensor], meta: torch.Tensor, cost: Cost = FREE) -> SharedTensor:
+        return SharedTensor(shares, self.parties, self.provider, self.precision, meta.shape, cost)
+
+    def _local(self, op: str, *args: Any, **kwargs: Any) -> SharedTensor:
+        """The same linear operation on every share (no communication)."""
+        meta = getattr(self._meta, op)(*args, **kwargs)
+        return self._like([getattr(share, op)(*args, **kwargs) for share in self.shares], meta)
+
+    def _check_peer(self, other: SharedTensor) -> None:
+        if [p.id for p in other.parties] != [p.id for p in self.parties]:
+            raise ValueError(f"{self!r} and {other!r} are shared over different parties: reshare one of them")
+        if other.precision != self.precision:
+            raise ValueError(f"precisions differ: {self.precision} and {other.precision} fractional bits")
+        if (other.provider is None) != (self.provider is None) or (
+            other.provider is not None and self.provider is not None and other.provider.id != self.provider.id
+        ):
+            raise ValueError("the two tensors name different crypto providers")
+
+    def _public(self, value: Any) -> torch.Tensor:
+        """A public operand, in this tensor's encoding."""
+        tensor = torch.as_tensor(value)
+        if self.precision is None:
+            if tensor.is_floating_point():
+                raise TypeError("an integer shared tensor takes integer public operands")
+            return tensor.to(torch.int64)
+        return encode(tensor, self.precision)
+
+    # -- linear: each party alone -----------------------------------------------------------------
+    def __add__(self, other: Any) -> SharedTensor:
+        if isinstance(other, SharedTensor):
+            self._check_peer(other)
+            meta = self._meta + other._meta
+            return self._like([a + b for a, b in zip(self.shares, other.shares, strict=True)], meta)
+        public = self._public(other)
+        meta = self._meta + public.to("meta")
+        first, *rest = self.shares  # party 0 adds the public value; the others only broadcast
+        grown = meta.shape != self.shape
+        return self._like(
+            [first + public, *(share.expand(meta.shape) if grown else share for share in rest)], meta
+        )
+
+    __radd__ = __add__
+
+    def __neg__(self) -> SharedTensor:
+        return self._like([-share for share in self.shares], self._meta)
+
+    def __sub__(self, other: Any) -> SharedTensor:
+        return self + (-other)
+
+    def __rsub__(self, other: Any) -> SharedTensor:
+        return (-self) + other
+
+    def sum(self, dim: int | Sequence[int] | None = None, keepdim: bool = False) -> SharedTensor:
+        if dim is None:
+            return self._local("sum")
+        return self._local("sum", dim, keepdim=keepdim)
+
+    def mean(self, dim: int | Sequence[int] | None = None, keepdim: bool = False) -> SharedTensor:
+        """The sum times the public ``1/n`` (fixed point: truncated like any product)."""
+        total = self.sum(dim, keepdim)
+        count = self.numel() // max(total.numel(), 1) if self.numel() else 1
+        if self.precision is None:
+            raise TypeError("the mean of integers is not an integer: fix the precision first")
+        return total * (1.0 / count)
+
+    def reshape(self, *shape: Any) -> SharedTensor:
+        return self._local("reshape", *shape)
+
+    view = reshape
+
+    def transpose(self, dim0: int, dim1: int) -> SharedTensor:
+        return self._local("transpose", dim0, dim1)
+
+    def t(self) -> SharedTensor:
+        return self._local("t")
+
+    @property
+    def T(self) -> SharedTensor:  # noqa: N802 - torch's name
+        return self.t()
+
+    def flatten(self, start_dim: int = 0, end_dim: int = -1) -> SharedTensor:
+        return self._local("flatten", start_dim, end_dim)
+
+    def unsqueeze(self, dim: int) -> SharedTensor:
+        return self._local("unsqueeze", dim)
+
+    def squeeze(self, dim: int | None = None) -> SharedTensor:
+        return self._local("squeeze") if dim is None else self._local("squeeze", dim)
+
+    def __getitem__(self, key: Any) -> SharedTensor:
+        meta = self._meta[key]
+        return self._like([share[key] for share in self.shares], meta)
+
+    # -- products ---------------------------------------------------------------------------------
+    def __mul__(self, other: Any) -> SharedTensor:
+        if isinstance(other, SharedTensor):
+            return self._beaver("mul", other, self._meta * other._meta)
+        public = self._public(other)
+        meta = self._meta * public.to("meta")
+        product = self._like([share * public for share in self.shares], meta)
+        return product._truncated() if self.precision is not None else product
+
+    __rmul__ = __mul__
+
+    def __matmul__(self, other: Any) -> SharedTensor:
+        if isinstance(other, SharedTensor):
+            return self._beaver("matmul", other, self._meta @ other._meta)
+        public = self._public(other)
+        meta = self._meta @ public.to("meta")
+        product = self._like([share @ public for share in self.shares], meta)
+        return product._truncated() if self.precision is not None else product
+
+    def __rmatmul__(self, other: Any) -> SharedTensor:
+        public = self._public(other)
+        meta = public.to("meta") @ self._meta
+        product = self._like([call(s.location, "matmul", [public, s]) for s in self.shares], meta)
+        return product._truncated() if self.precision is not None else product
+
+    def matmul(self, other: Any) -> SharedTensor:
+        return self @ other
+
+    def _provider(self) -> actors.RemoteWorker:
+        if self.provider is None:
+            raise ValueError(f"{self!r} has no crypto provider: share it with crypto_provider=...")
+        return self.provider
+
+    def _material(self, kind: str, shapes: list[list[int]], options: dict[str, Any]) -> list[PointerTensor]:
+        """Ask the provider for one operation's material; each party gets its part."""
+        provider = self._provider()
+        ids = [p.id for p in self.parties]
+        calls: dict[actors.RemoteWorker, tuple[list[Any], dict[str, Any] | None]] = {
+            provider: ([kind, shapes, ids, options], None)
+        }
+        last = len(self.parties) - 1
+        for i, party in enumerate(self.parties):
+            calls[party] = ([kind, shapes, provider.id, i == last, options], None)
+        runs = start_flow("mpc.material", calls, ops={provider: "provider.material"})
+        return [runs[party] for party in self.parties]
+
+    def _trunc_material(self, shape: Sequence[int]) -> list[PointerTensor] | None:
+        if self.precision is None or len(self.parties) == 2:
+            return None
+        return self._material("trunc", [list(shape)], {"precision": self.precision})
+
+    def _beaver(self, op: str, other: SharedTensor, meta: torch.Tensor) -> SharedTensor:
+        self._check_peer(other)
+        x_shape, y_shape = list(self.shape), list(other.shape)
+        material = self._material(op, [x_shape, y_shape], {})
+        trunc = self._trunc_material(meta.shape)
+        ids = [p.id for p in self.parties]
+        options: dict[str, Any] = {"op": op, "parties": ids, "precision": self.precision}
+        calls = {
+            party: (
+                [self.shares[i], other.shares[i], material[i]],
+                {**options, "trunc": trunc[i] if trunc else None},
+            )
+            for i, party in enumerate(self.parties)
+        }
+        runs = start_flow("mpc.beaver", calls)
+        n = len(self.parties)
+        online = n * (n - 1) * 8 * (self.numel() + other.numel() + (meta.numel() if trunc else 0))
+        material_bytes = (16 * n + 8 * meta.numel()) * (2 if trunc else 1)
+        cost = Cost(rounds=2 if trunc else 1, online_bytes=online, material_bytes=material_bytes)
+        return self._like([runs[party] for party in self.parties], meta, cost)
+
+    def _truncated(self) -> SharedTensor:
+        """Back to ``precision`` fractional bits after a product by a public fixed-point value."""
+        assert self.precision is not None
+        n = len(self.parties)
+        if n == 2:
+            shares = [
+                call(share.location, "mpc.truncate_share", [share, self.precision, i])
+                for i, share in enumerate(self.shares)
+            ]
+            return self._like(shares, self._meta)
+        trunc = self._trunc_material(self.shape)
+        assert trunc is not None
+        ids = [p.id for p in self.parties]
+        runs = start_flow(
+            "mpc.truncate_shared",
+            {
+                party: ([self.shares[i]], {"precision": self.precision, "parties": ids, "trunc": trunc[i]})
+                for i, party in enumerate(self.parties)
+            },
+        )
+        cost = Cost(
+            rounds=1, online_bytes=n * (n - 1) * 8 * self.numel(), material_bytes=16 * n + 8 * self.numel()
+        )
+        return self._like([runs[party] for party in self.parties], self._meta, cost)
+
+
+def share(
+    value: Any,
+    *parties: actors.RemoteWorker,
+    crypto_provider: actors.RemoteWorker | None = None,
+    precision: int | None = PRECISION,
+) -> SharedTensor:
+    """Additive shares of ``value`` on ``parties``.
+
+    ``value`` is a float tensor (encoded with ``precision`` fractional bits), an int64 tensor
+    (shared as integers when ``precision`` is ``None``), or a fixed-precision tensor (its own
+    precision). A local value is split here, with the secure generator, and each party is sent
+    its share only."""
+    if len(parties) < 2:
+        raise ValueError("share among two or more parties")
+    if len({p.id for p in parties}) != len(parties):
+        raise ValueError("the parties must be distinct workers")
+    if crypto_provider is not None and crypto_provider.id in {p.id for p in parties}:
+        raise ValueError(f"the crypto provider {crypto_provider.id} cannot also be a party")
+    child, precision = _ring_of(value, precision)
+    if isinstance(child, PointerTensor):
+        raise NotImplementedError(
+            "sharing a remote tensor from where it lives arrives with the shares release"
+        )
+    shares = [
+        actors.send(piece, party) for piece, party in zip(split(child, len(parties)), parties, strict=True)
+    ]
+    return SharedTensor(shares, parties, crypto_provider, precision, child.shape)
+
+
+def _ring_of(value: Any, precision: int | None) -> tuple[Any, int | None]:
+    fixed_precision = getattr(value, "precision", None)
+    child = getattr(value, "child", None)
+    if child is not None and fixed_precision is not None:  # a FixedPrecisionTensor
+        return child, fixed_precision
+    if isinstance(value, PointerTensor):
+        return value, precision
+    tensor = torch.as_tensor(value)
+    if tensor.dtype == torch.int64 and precision is None:
+        return tensor, None
+    if precision is None:
+        raise TypeError(f"only int64 tensors are shared as integers, got {tensor.dtype}")
+    check_precision(precision)
+    return encode(tensor, precision), precision

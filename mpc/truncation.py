@@ -1,0 +1,65 @@
+"""Truncation of shared fixed-point values: from ``2f`` back to ``f`` fractional bits.
+
+* **Two parties** (SecureML): each truncates its own share, party 0 ``z0 >> f``, party 1
+  ``-((-z1) >> f)``. No communication. The result is off by at most one unit in the last place,
+  except with probability about ``|x| / 2^63`` per element, when the shares straddle the wrap
+  and the result is off by about ``2^(64 - f)`` (for ``|x| < 2^40``: below ``2^-23``).
+* **More parties** (local truncation is wrong there): the provider deals shares of a random
+  ``r`` and of ``r >> f``; the parties open ``x - r`` (one round), and the result is
+  ``(x - r) >> f`` (added by party 0) plus the shares of ``r >> f``. The same error bounds hold:
+  off by at most one unit in the last place, and by about ``2^(64 - f)`` with probability about
+  ``|x| / 2^63`` (when ``x - r`` leaves the int64 range).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from actors.context import Context
+from actors.registry import command
+from mpc.opening import check_parties, check_ring, open_all
+from mpc.provider import COMMAND_SET
+from mpc.ring import check_precision, truncate_share
+from protocol import BadArguments
+
+
+async def truncate(  # noqa: PLR0917 - one private caller per protocol
+    ctx: Context, z: torch.Tensor, precision: int, parties: list[str], index: int,
+    material: list[torch.Tensor] | None,
+) -> torch.Tensor:  # fmt: skip
+    check_precision(precision)
+    if len(parties) == 2:
+        return truncate_share(z, precision, index)
+    if not (isinstance(material, list) and len(material) == 2):
+        raise BadArguments(f"truncation among {len(parties)} parties needs the provider's [r, r >> f]")
+    r, shifted = material
+    if not all(
+        isinstance(t, torch.Tensor) and t.dtype == torch.int64 and t.shape == z.shape for t in material
+    ):
+        raise BadArguments(f"truncation material must be int64 of shape {list(z.shape)}")
+    (masked,) = await open_all(ctx, parties, "x-r", [z - r])
+    return shifted + (masked >> precision) if index == 0 else shifted.clone()
+
+
+@command("mpc.truncate_shared", command_set=COMMAND_SET, kind="flow")
+async def truncate_flow(
+    ctx: Context,
+    z: torch.Tensor,
+    *,
+    precision: int,
+    parties: list[str],
+    trunc: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Truncate one shared value on its own (after a product by a public fixed-point number)."""
+    index = check_parties(ctx, parties)
+    return await truncate(ctx, check_ring("z", z), precision, parties, index, trunc)
+
+
+@command("mpc.truncate_share", command_set=COMMAND_SET, context=False)
+def truncate_local(share: torch.Tensor, precision: int, index: int) -> torch.Tensor:
+    """Two-party truncation of this party's own share (see the module docstring)."""
+    check_ring("share", share)
+    check_precision(precision)
+    if index not in (0, 1):
+        raise BadArguments("local truncation is for two parties: index 0 or 1")
+    return truncate_share(share, precision, index)
