@@ -8,7 +8,7 @@ set (what a crypto provider serves). It builds on :mod:`actors` and :mod:`protoc
 from mpc import beaver, provider, truncation
 from mpc.provider import COMMAND_SET, PROVIDER_SET
 from mpc.ring import PRECISION, decode, encode
-from mpc.tensor import Cost, SharedTensor, share
+from mpc.tensor import Cost, SharedTensor, prepare, share
 
 __all__ = [
     "COMMAND_SET",
@@ -19,6 +19,7 @@ __all__ = [
     "beaver",
     "decode",
     "encode",
+    "prepare",
     "provider",
     "share",
     "truncation",

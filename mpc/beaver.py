@@ -21,7 +21,7 @@ import torch
 from actors.context import Context
 from actors.registry import command
 from mpc.opening import check_parties, check_ring, open_all
-from mpc.provider import COMMAND_SET, PRODUCTS
+from mpc.provider import COMMAND_SET, PRODUCTS, take
 from mpc.truncation import truncate
 from protocol import BadArguments
 
@@ -45,9 +45,7 @@ async def beaver(
     if product is None:
         raise BadArguments(f"unknown product {op!r}; known: {', '.join(PRODUCTS)}")
     x, y = check_ring("x", x), check_ring("y", y)
-    if not (isinstance(material, list) and len(material) == 3):
-        raise BadArguments("beaver material is [a, b, c]")
-    a, b, c = (check_ring(name, t) for name, t in zip("abc", material, strict=True))
+    a, b, c = take(material, 3, "beaver")
     if a.shape != x.shape or b.shape != y.shape:
         raise BadArguments(
             f"the triple is for shapes {list(a.shape)} and {list(b.shape)}, "
@@ -55,8 +53,14 @@ async def beaver(
         )
     options = options or {}
     eps, delta = await open_all(ctx, parties, "eps,delta", [x - a, y - b])
-    z = c + product(eps, b, options)
-    z += product(a + eps if index == 0 else a, delta, options)  # eps ∘ delta once, by party 0
+    if index == 0:
+        a.add_(eps)  # eps ∘ delta once, by party 0: (a + eps) ∘ delta
+    z = c  # the material is used up: its tensors are this flow's to overwrite
+    if op == "mul" and z.shape == eps.shape == a.shape:
+        z.addcmul_(eps, b).addcmul_(a, delta)
+    else:
+        z = z + product(eps, b, options)
+        z.add_(product(a, delta, options))
     if precision is None:
         return z
     return await truncate(ctx, z, precision, parties, index, trunc)

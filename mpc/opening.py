@@ -44,16 +44,15 @@ async def open_all(
     for party in others:
         ctx.send(party, tag, values)
     received = await asyncio.gather(*(ctx.recv(party, tag) for party in others))
-    totals = [v.clone() for v in values]
     for party, theirs in zip(others, received, strict=True):
         if not isinstance(theirs, list) or len(theirs) != len(values):
             raise BadArguments(f"{party} opened {tag} with the wrong number of values")
-        for total, value in zip(totals, theirs, strict=True):
-            if (
-                not isinstance(value, torch.Tensor)
-                or value.dtype != torch.int64
-                or value.shape != total.shape
-            ):
+        for mine, value in zip(values, theirs, strict=True):
+            if not isinstance(value, torch.Tensor) or value.dtype != torch.int64 or value.shape != mine.shape:
                 raise BadArguments(f"{party} opened {tag} with a value of the wrong kind or shape")
+    # what was sent stays as it was (it may not have left yet): the sums are new tensors
+    totals = [value + received[0][i] for i, value in enumerate(values)]
+    for theirs in received[1:]:
+        for total, value in zip(totals, theirs, strict=True):
             total.add_(value)
     return totals

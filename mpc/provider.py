@@ -80,59 +80,74 @@ def _check_request(kind: str, shapes: Any, options: Any) -> list[list[int]]:
 async def make_material(
     ctx: Context, kind: str, shapes: list[list[int]], parties: list[str], options: dict[str, Any]
 ) -> None:
-    """The provider's half: expand every party's seed, make the product, send each party its own
-    part (a seed; the last one its product share too). Returns nothing: it keeps nothing."""
+    """The provider's half: every party's seed goes out first (each expands its part while the
+    provider works), then the last party's share of the product. Keeps nothing."""
     out = _check_request(kind, shapes, options)
     if not isinstance(parties, list) or len(parties) < 2 or ctx.me in parties:
         raise BadArguments("material is for two or more parties, the provider not among them")
     seeds = [new_seed() for _ in parties]
-    inputs = out[:-1] if kind != "trunc" else out[:1]
-    totals: list[torch.Tensor] | None = None
-    correction = None
+    for party, seed in zip(parties, seeds, strict=True):
+        ctx.send(party, "seed", seed)
+    inputs = out[:-1]  # the shapes every party expands; the others add the product's share
+    totals: list[torch.Tensor] = []
+    correction = torch.zeros(out[-1], dtype=torch.int64)
     for i, seed in enumerate(seeds):
-        last = i == len(parties) - 1
-        mine = expand(seed, inputs if last else out)
-        totals = [t.clone() for t in mine[: len(inputs)]] if totals is None else totals
-        if i:
+        mine = expand(seed, inputs if i == len(seeds) - 1 else out)
+        if i == 0:
+            totals = list(mine[: len(inputs)])
+        else:
             for total, part in zip(totals, mine, strict=False):
                 total.add_(part)
-        if not last:
-            correction = mine[-1].clone() if correction is None else correction.add_(mine[-1])
-    assert totals is not None and correction is not None
+        if i < len(seeds) - 1:
+            correction.add_(mine[-1])
     if kind == "trunc":
-        target = totals[0] >> options["precision"]  # shares of r and of r >> f
+        target = totals[0].bitwise_right_shift_(options["precision"])  # shares of r and of r >> f
     else:
         target = PRODUCTS[kind](totals[0], totals[1], {k: v for k, v in options.items() if k != "precision"})
-    target -= correction
-    for i, (party, seed) in enumerate(zip(parties, seeds, strict=True)):
-        ctx.send(party, "material", [seed, target] if i == len(parties) - 1 else seed)
+    ctx.send(parties[-1], "product", target.sub_(correction))
 
 
 @command("mpc.material", command_set=COMMAND_SET, kind="flow")
 async def receive_material(  # noqa: PLR0917 - one flow's fixed arguments
     ctx: Context, kind: str, shapes: list[list[int]], provider: str, last: bool, options: dict[str, Any]
 ) -> list[torch.Tensor]:
-    """A party's half: its material as ``[a, b, c]`` (``[r, r >> f]`` for truncation)."""
+    """A party's half: its material as ``[a, b, c]`` (``[r, r >> f]`` for truncation). Single
+    use: the protocol that takes it empties the list (a triple used twice would let the parties
+    subtract two openings and learn the difference of two secrets)."""
     out = _check_request(kind, shapes, options)
-    message = await ctx.recv(provider, "material")
-    if last:
-        if not (isinstance(message, list) and len(message) == 2):
-            raise BadArguments("the provider's message to the last party is [seed, share]")
-        seed, product = message
-        expected = out[-1]
-    else:
-        seed, product, expected = message, None, None
+    seed = await ctx.recv(provider, "seed")
     if not isinstance(seed, bytes) or len(seed) != SEED_BYTES:
         raise BadArguments(f"a material seed is {SEED_BYTES} bytes")
-    if product is None:
+    if not last:
         return expand(seed, out)
+    mine = expand(seed, out[:-1])
+    product = await ctx.recv(provider, "product")
     if (
         not isinstance(product, torch.Tensor)
         or product.dtype != torch.int64
-        or list(product.shape) != expected
+        or list(product.shape) != out[-1]
     ):
-        raise BadArguments(f"the provider's share should be int64 of shape {expected}")
-    return [*expand(seed, out[:-1]), product]
+        raise BadArguments(f"the provider's share should be int64 of shape {out[-1]}")
+    return [*mine, product]
 
 
-__all__ = ["COMMAND_SET", "KINDS", "PROVIDER_SET", "make_material", "material_shapes", "receive_material"]
+def take(material: Any, size: int, what: str) -> list[torch.Tensor]:
+    """The tensors of one party's material, which is used up: a second use finds it empty."""
+    if not (isinstance(material, list) and len(material) == size):
+        raise BadArguments(f"{what} material is {size} int64 tensors, not used before")
+    tensors = list(material)
+    material.clear()
+    if not all(isinstance(t, torch.Tensor) and t.dtype == torch.int64 for t in tensors):
+        raise BadArguments(f"{what} material is {size} int64 tensors")
+    return tensors
+
+
+__all__ = [
+    "COMMAND_SET",
+    "KINDS",
+    "PROVIDER_SET",
+    "make_material",
+    "material_shapes",
+    "receive_material",
+    "take",
+]

@@ -28,6 +28,7 @@ PRECISION = 16
 ENCODE_LIMIT = 2**62
 SEED_BYTES = 16
 _NONCE = bytes(16)
+_ZEROS = bytes(1 << 22)  # encrypted in place of a buffer the size of the output
 
 
 def check_precision(precision: int) -> int:
@@ -69,17 +70,18 @@ def expand(seed: bytes, shapes: Sequence[Sequence[int]]) -> list[torch.Tensor]:
     if len(seed) != SEED_BYTES:
         raise ValueError(f"a seed is {SEED_BYTES} bytes")
     sizes = [math.prod(shape) for shape in shapes]
-    stream = Cipher(algorithms.AES(seed), modes.CTR(_NONCE)).encryptor()
-    raw = bytearray(8 * sum(sizes))
-    if not raw:
-        return [torch.empty(tuple(shape), dtype=torch.int64) for shape in shapes]
-    stream.update_into(bytes(len(raw)), raw)
-    flat = torch.frombuffer(raw, dtype=torch.int64)
-    out, offset = [], 0
+    flat = torch.empty(sum(sizes), dtype=torch.int64)
+    if flat.numel():
+        stream = Cipher(algorithms.AES(seed), modes.CTR(_NONCE)).encryptor()
+        out = memoryview(flat.numpy()).cast("B")
+        for start in range(0, len(out), len(_ZEROS)):  # the keystream, written in place
+            chunk = out[start : start + len(_ZEROS)]
+            stream.update_into(_ZEROS[: len(chunk)], chunk)
+    tensors, offset = [], 0
     for shape, size in zip(shapes, sizes, strict=True):
-        out.append(flat[offset : offset + size].view(tuple(shape)))
+        tensors.append(flat[offset : offset + size].view(tuple(shape)))
         offset += size
-    return out
+    return tensors
 
 
 def random_ring(shape: Sequence[int]) -> torch.Tensor:
@@ -115,3 +117,10 @@ def truncate_share(share: torch.Tensor, precision: int, index: int) -> torch.Ten
     if index == 0:
         return share >> precision
     return -((-share) >> precision)
+
+
+def truncate_share_(share: torch.Tensor, precision: int, index: int) -> torch.Tensor:
+    """:func:`truncate_share` in place (the flows own their intermediate products)."""
+    if index == 0:
+        return share.bitwise_right_shift_(precision)
+    return share.neg_().bitwise_right_shift_(precision).neg_()

@@ -15,6 +15,7 @@ the result's shares, where the owners' policy allows it.
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -231,6 +232,19 @@ class SharedTensor:
         return self.provider
 
     def _material(self, kind: str, shapes: list[list[int]], options: dict[str, Any]) -> list[PointerTensor]:
+        """One operation's material: made ahead (:func:`prepare`) or asked for now."""
+        key = _material_key(self._provider(), self.parties, kind, shapes, options)
+        ready = _PREPARED.get(key)
+        if ready:
+            material = ready.popleft()
+            if not ready:
+                del _PREPARED[key]
+            return material
+        return self._new_material(kind, shapes, options)
+
+    def _new_material(
+        self, kind: str, shapes: list[list[int]], options: dict[str, Any]
+    ) -> list[PointerTensor]:
         """Ask the provider for one operation's material; each party gets its part."""
         provider = self._provider()
         ids = [p.id for p in self.parties]
@@ -293,6 +307,35 @@ class SharedTensor:
             rounds=1, online_bytes=n * (n - 1) * 8 * self.numel(), material_bytes=16 * n + 8 * self.numel()
         )
         return self._like([runs[party] for party in self.parties], self._meta, cost)
+
+
+#: Material made ahead of need, by (provider, parties, kind, shapes, options), oldest first.
+_PREPARED: dict[tuple[Any, ...], collections.deque[list[PointerTensor]]] = {}
+
+
+def _material_key(
+    provider: actors.RemoteWorker, parties: Sequence[actors.RemoteWorker], kind: str, shapes: list[list[int]],
+    options: dict[str, Any],
+) -> tuple[Any, ...]:  # fmt: skip
+    return (provider, tuple(parties), kind, tuple(tuple(s) for s in shapes), tuple(sorted(options.items())))
+
+
+def prepare(op: str, x: SharedTensor, y: SharedTensor | Sequence[int] | None = None, count: int = 1) -> None:
+    """Have the provider make material for ``count`` future ``x op y`` now (``op``: ``"mul"``,
+    ``"matmul"``; ``"trunc"`` for the truncations of fixed-point products of ``x``'s shape among
+    three or more parties). Those operations then open at once instead of waiting for the
+    provider: its work moves out of the online phase."""
+    if op == "trunc":
+        shapes, options = [list(x.shape)], {"precision": x.precision}
+    else:
+        other = y.shape if isinstance(y, SharedTensor) else y
+        if other is None:
+            raise ValueError(f"prepare({op!r}) needs the other operand or its shape")
+        shapes, options = [list(x.shape), list(other)], {}
+    key = _material_key(x._provider(), x.parties, op, shapes, options)
+    queue = _PREPARED.setdefault(key, collections.deque())
+    for _ in range(count):
+        queue.append(x._new_material(op, shapes, options))
 
 
 def share(

@@ -18,8 +18,8 @@ import torch
 from actors.context import Context
 from actors.registry import command
 from mpc.opening import check_parties, check_ring, open_all
-from mpc.provider import COMMAND_SET
-from mpc.ring import check_precision, truncate_share
+from mpc.provider import COMMAND_SET, take
+from mpc.ring import check_precision, truncate_share, truncate_share_
 from protocol import BadArguments
 
 
@@ -29,16 +29,14 @@ async def truncate(  # noqa: PLR0917 - one private caller per protocol
 ) -> torch.Tensor:  # fmt: skip
     check_precision(precision)
     if len(parties) == 2:
-        return truncate_share(z, precision, index)
-    if not (isinstance(material, list) and len(material) == 2):
+        return truncate_share_(z, precision, index)
+    if material is None:
         raise BadArguments(f"truncation among {len(parties)} parties needs the provider's [r, r >> f]")
-    r, shifted = material
-    if not all(
-        isinstance(t, torch.Tensor) and t.dtype == torch.int64 and t.shape == z.shape for t in material
-    ):
-        raise BadArguments(f"truncation material must be int64 of shape {list(z.shape)}")
+    r, shifted = take(material, 2, "truncation")
+    if r.shape != z.shape or shifted.shape != z.shape:
+        raise BadArguments(f"truncation material must be of shape {list(z.shape)}")
     (masked,) = await open_all(ctx, parties, "x-r", [z - r])
-    return shifted + (masked >> precision) if index == 0 else shifted.clone()
+    return shifted.add_(masked.bitwise_right_shift_(precision)) if index == 0 else shifted
 
 
 @command("mpc.truncate_shared", command_set=COMMAND_SET, kind="flow")
