@@ -5,7 +5,7 @@ Importing :mod:`mpc` registers the ``mpc`` command set (what parties serve) and 
 set (what a crypto provider serves). It builds on :mod:`actors` and :mod:`protocol` only.
 """
 
-from mpc import beaver, provider, truncation
+from mpc import beaver, conv, provider, sigmoid, truncation
 from mpc.provider import COMMAND_SET, PROVIDER_SET
 from mpc.ring import PRECISION, decode, encode
 from mpc.tensor import Cost, SharedTensor, prepare, share
@@ -17,10 +17,12 @@ __all__ = [
     "Cost",
     "SharedTensor",
     "beaver",
+    "conv",
     "decode",
     "encode",
     "prepare",
     "provider",
     "share",
+    "sigmoid",
     "truncation",
 ]

@@ -40,13 +40,12 @@ PRODUCTS: dict[str, Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], torch
     "mul": lambda a, b, _: a * b,
     "matmul": lambda a, b, _: a @ b,
 }
-KINDS = (*PRODUCTS, "trunc")
 
 
 def material_shapes(kind: str, shapes: Sequence[Sequence[int]], options: dict[str, Any]) -> list[list[int]]:
     """The shapes of one party's material: the inputs', then the product's (or ``r``'s twice)."""
-    if kind not in KINDS:
-        raise BadArguments(f"unknown material kind {kind!r}; known: {', '.join(KINDS)}")
+    if kind not in PRODUCTS and kind != "trunc":
+        raise BadArguments(f"unknown material kind {kind!r}; known: {', '.join([*PRODUCTS, 'trunc'])}")
     if kind == "trunc":
         if len(shapes) != 1:
             raise BadArguments("truncation material takes one shape")
@@ -144,7 +143,6 @@ def take(material: Any, size: int, what: str) -> list[torch.Tensor]:
 
 __all__ = [
     "COMMAND_SET",
-    "KINDS",
     "PROVIDER_SET",
     "make_material",
     "material_shapes",

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 
 import actors
 from actors.flows import start_flow
@@ -88,8 +89,9 @@ class SharedTensor:
         return f"<SharedTensor {list(self.shape)} over {where}, {fixed}>"
 
     async def get(self) -> torch.Tensor:
-        """Reconstruct (the shares come to the caller, where the parties' policy allows)."""
-        shares = await asyncio.gather(*(share.get() for share in self.shares))
+        """Reconstruct (the shares come to the caller, where the parties' policy allows). The
+        shares stay where they are, for further use; they are freed with this tensor."""
+        shares = await asyncio.gather(*(share.fetch() for share in self.shares))
         total = shares[0].clone()
         for share in shares[1:]:
             total += share
@@ -226,6 +228,62 @@ class SharedTensor:
     def matmul(self, other: Any) -> SharedTensor:
         return self @ other
 
+    def combine(self, terms: Sequence[tuple[float, SharedTensor]], constant: float = 0.0) -> SharedTensor:
+        """``constant + sum(c * t for c, t in terms)`` with public real ``c``: one truncation for
+        the whole sum (a round among three or more parties), not one per term."""
+        if self.precision is None:
+            raise TypeError("a combination with real coefficients needs fixed precision")
+        total: SharedTensor | None = None
+        for coefficient, term in terms:
+            self._check_peer(term)
+            public = encode(torch.tensor(float(coefficient)), self.precision)
+            scaled = term._like([share * public for share in term.shares], term._meta)
+            total = scaled if total is None else total + scaled
+        if total is None:
+            raise ValueError("combine needs at least one term")
+        return total._truncated() + constant
+
+    def conv2d(self, weight: Any, stride: Any = 1, padding: Any = 0) -> SharedTensor:
+        """``F.conv2d`` with a shared kernel (a Beaver product) or a public one (local)."""
+        from mpc.conv import conv2d_ring  # noqa: PLC0415 - registers the conv product on import
+
+        options = {"stride": stride, "padding": padding}
+        if isinstance(weight, SharedTensor):
+            return self._beaver("conv2d", weight, conv2d_ring(self._meta, weight._meta, **options), options)
+        public = self._public(weight)
+        meta = conv2d_ring(self._meta, public.to("meta"), **options)
+        shares = [call(s.location, "mpc.conv2d", [s, public], options) for s in self.shares]
+        product = self._like(shares, meta)
+        return product._truncated() if self.precision is not None else product
+
+    def avg_pool2d(self, kernel_size: Any, stride: Any = None, padding: Any = 0) -> SharedTensor:
+        """Each party sums its windows; the public ``1 / window`` divides (truncated)."""
+        from mpc.conv import _pair, sum_pool2d  # noqa: PLC0415
+
+        options = {"kernel_size": kernel_size, "stride": stride, "padding": padding}
+        meta = sum_pool2d(self._meta, **options)
+        summed = self._like([call(s.location, "mpc.sum_pool2d", [s], options) for s in self.shares], meta)
+        kh, kw = _pair(kernel_size)
+        return summed * (1.0 / (kh * kw))
+
+    def sigmoid(self) -> SharedTensor:
+        from mpc.sigmoid import sigmoid  # noqa: PLC0415
+
+        return sigmoid(self)
+
+    @classmethod
+    def __torch_function__(
+        cls, func: Any, types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        """The PyTorch spelling (``F.linear(x, w)``, ``torch.sigmoid(x)``, ``F.conv2d``...) of
+        what this class offers; anything else is refused by name, never computed in the clear."""
+        kwargs = kwargs or {}
+        handler = _TORCH_FUNCTIONS.get(func)
+        if handler is None:
+            name = getattr(func, "__name__", repr(func))
+            raise TypeError(f"{name} is not available on shared tensors")
+        return handler(*args, **kwargs)
+
     def _provider(self) -> actors.RemoteWorker:
         if self.provider is None:
             raise ValueError(f"{self!r} has no crypto provider: share it with crypto_provider=...")
@@ -262,13 +320,17 @@ class SharedTensor:
             return None
         return self._material("trunc", [list(shape)], {"precision": self.precision})
 
-    def _beaver(self, op: str, other: SharedTensor, meta: torch.Tensor) -> SharedTensor:
+    def _beaver(
+        self, op: str, other: SharedTensor, meta: torch.Tensor, product_options: dict[str, Any] | None = None
+    ) -> SharedTensor:
         self._check_peer(other)
         x_shape, y_shape = list(self.shape), list(other.shape)
-        material = self._material(op, [x_shape, y_shape], {})
+        material = self._material(op, [x_shape, y_shape], product_options or {})
         trunc = self._trunc_material(meta.shape)
         ids = [p.id for p in self.parties]
         options: dict[str, Any] = {"op": op, "parties": ids, "precision": self.precision}
+        if product_options:
+            options["options"] = product_options
         calls = {
             party: (
                 [self.shares[i], other.shares[i], material[i]],
@@ -307,6 +369,42 @@ class SharedTensor:
             rounds=1, online_bytes=n * (n - 1) * 8 * self.numel(), material_bytes=16 * n + 8 * self.numel()
         )
         return self._like([runs[party] for party in self.parties], self._meta, cost)
+
+
+def _linear(x: SharedTensor, weight: Any, bias: Any = None) -> SharedTensor:
+    out = x @ (weight.t() if isinstance(weight, SharedTensor) else torch.as_tensor(weight).t())
+    return out if bias is None else out + bias
+
+
+def cat(tensors: Sequence[SharedTensor], dim: int = 0) -> SharedTensor:
+    """``torch.cat`` of shared tensors over the same parties: each party joins its shares."""
+    first = tensors[0]
+    for other in tensors[1:]:
+        first._check_peer(other)
+    meta = torch.cat([t._meta for t in tensors], dim)
+    columns = zip(*(t.shares for t in tensors), strict=True)
+    shares = [call(column[0].location, "cat", [list(column)], {"dim": dim}) for column in columns]
+    return first._like(shares, meta)
+
+
+_TORCH_FUNCTIONS: dict[Any, Any] = {
+    torch.add: lambda x, y: x + y,
+    torch.sub: lambda x, y: x - y,
+    torch.mul: lambda x, y: x * y,
+    torch.matmul: lambda x, y: x @ y,
+    torch.neg: lambda x: -x,
+    torch.sum: lambda x, dim=None, keepdim=False: x.sum(dim, keepdim),
+    torch.mean: lambda x, dim=None, keepdim=False: x.mean(dim, keepdim),
+    torch.sigmoid: lambda x: x.sigmoid(),
+    torch.cat: cat,
+    F.linear: _linear,
+    F.conv2d: lambda x, w, bias=None, stride=1, padding=0: (
+        x.conv2d(w, stride, padding)
+        if bias is None
+        else x.conv2d(w, stride, padding) + bias.reshape(-1, 1, 1)
+    ),
+    F.avg_pool2d: lambda x, kernel_size, stride=None, padding=0: x.avg_pool2d(kernel_size, stride, padding),
+}
 
 
 #: Material made ahead of need, by (provider, parties, kind, shapes, options), oldest first.
