@@ -5,12 +5,23 @@ Importing :mod:`mpc` registers the ``mpc`` command set (what parties serve) and 
 set (what a crypto provider serves). It builds on :mod:`actors` and :mod:`protocol` only.
 """
 
-from mpc import beaver, conv, provider, sigmoid, truncation
+from mpc import beaver, conv, fixed, provider, sigmoid, truncation
+from mpc.fixed import FixedPrecisionTensor, fix_precision, float_precision
+from mpc.nn import ApproxSigmoid, SharedModule, share_module
 from mpc.provider import COMMAND_SET, PROVIDER_SET
 from mpc.ring import PRECISION, decode, encode
-from mpc.tensor import Cost, SharedTensor, prepare, share
+from mpc.tensor import Cost, Meter, SharedTensor, cat, meter, prepare, share
 
 __all__ = [
+    "ApproxSigmoid",
+    "FixedPrecisionTensor",
+    "fix_precision",
+    "float_precision",
+    "Meter",
+    "SharedModule",
+    "cat",
+    "meter",
+    "share_module",
     "COMMAND_SET",
     "PRECISION",
     "PROVIDER_SET",
@@ -18,6 +29,7 @@ __all__ = [
     "SharedTensor",
     "beaver",
     "conv",
+    "fixed",
     "decode",
     "encode",
     "prepare",

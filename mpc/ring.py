@@ -41,7 +41,11 @@ def encode(value: torch.Tensor | float, precision: int = PRECISION) -> torch.Ten
     """``round(value * 2^precision)`` as int64; refuses values whose encoding would not fit
     (rather than wrapping them silently into other numbers)."""
     check_precision(precision)
-    tensor = torch.as_tensor(value)
+    tensor = (
+        torch.as_tensor(value, dtype=torch.float64)
+        if isinstance(value, int | float)
+        else torch.as_tensor(value)
+    )
     scaled = torch.round(tensor.to(torch.float64) * 2.0**precision)
     if scaled.numel() and not bool((scaled.abs() < ENCODE_LIMIT).all()):  # NaN compares False
         bound = ENCODE_LIMIT / 2.0**precision

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,11 +44,39 @@ class Cost:
 FREE = Cost()
 
 
+class Meter:
+    """Adds up the cost of every operation issued while it is open (``with mpc.meter() as m``)."""
+
+    def __init__(self) -> None:
+        self.operations = 0
+        self.online_bytes = 0
+        self.material_bytes = 0
+
+    def add(self, cost: Cost) -> None:
+        if cost.rounds or cost.online_bytes or cost.material_bytes:
+            self.operations += 1
+        self.online_bytes += cost.online_bytes
+        self.material_bytes += cost.material_bytes
+
+
+_METERS: contextvars.ContextVar[tuple[Meter, ...]] = contextvars.ContextVar("mpc_meters", default=())
+
+
+@contextlib.contextmanager
+def meter() -> Iterator[Meter]:
+    measured = Meter()
+    token = _METERS.set((*_METERS.get(), measured))
+    try:
+        yield measured
+    finally:
+        _METERS.reset(token)
+
+
 class SharedTensor:
     """Additive shares of one secret over ``parties``, in fixed point with ``precision``
     fractional bits (``None``: plain integers mod 2^64)."""
 
-    __slots__ = ("shares", "parties", "provider", "precision", "_meta", "cost")
+    __slots__ = ("shares", "parties", "provider", "precision", "_meta", "cost", "depth")
 
     def __init__(  # noqa: PLR0917 - the tensor's parts
         self,
@@ -56,6 +86,7 @@ class SharedTensor:
         precision: int | None,
         shape: Sequence[int],
         cost: Cost = FREE,
+        depth: int = 0,
     ) -> None:
         if len(shares) != len(parties):
             raise ValueError("one share per party")
@@ -64,7 +95,13 @@ class SharedTensor:
         self.provider = provider
         self.precision = precision
         self._meta = torch.empty(tuple(shape), dtype=torch.int64, device="meta")
+        #: What the operation that made this tensor cost.
         self.cost = cost
+        #: Rounds of openings on the longest chain of operations that led here from the shared
+        #: inputs: what a computation waits for, since independent rounds overlap.
+        self.depth = depth
+        for meter in _METERS.get():
+            meter.add(cost)
 
     # -- what it is -----------------------------------------------------------------------------
     @property
@@ -107,8 +144,11 @@ class SharedTensor:
         return resolved().__await__()
 
     # -- building results -------------------------------------------------------------------------
-    def _like(self, shares: Sequence[PointerTensor], meta: torch.Tensor, cost: Cost = FREE) -> SharedTensor:
-        return SharedTensor(shares, self.parties, self.provider, self.precision, meta.shape, cost)
+    def _like(
+        self, shares: Sequence[PointerTensor], meta: torch.Tensor, cost: Cost = FREE, *others: SharedTensor
+    ) -> SharedTensor:
+        depth = max((self.depth, *(other.depth for other in others))) + cost.rounds
+        return SharedTensor(shares, self.parties, self.provider, self.precision, meta.shape, cost, depth)
 
     def _local(self, op: str, *args: Any, **kwargs: Any) -> SharedTensor:
         """The same linear operation on every share (no communication)."""
@@ -139,7 +179,9 @@ class SharedTensor:
         if isinstance(other, SharedTensor):
             self._check_peer(other)
             meta = self._meta + other._meta
-            return self._like([a + b for a, b in zip(self.shares, other.shares, strict=True)], meta)
+            return self._like(
+                [a + b for a, b in zip(self.shares, other.shares, strict=True)], meta, FREE, other
+            )
         public = self._public(other)
         meta = self._meta + public.to("meta")
         first, *rest = self.shares  # party 0 adds the public value; the others only broadcast
@@ -343,7 +385,7 @@ class SharedTensor:
         online = n * (n - 1) * 8 * (self.numel() + other.numel() + (meta.numel() if trunc else 0))
         material_bytes = (16 * n + 8 * meta.numel()) * (2 if trunc else 1)
         cost = Cost(rounds=2 if trunc else 1, online_bytes=online, material_bytes=material_bytes)
-        return self._like([runs[party] for party in self.parties], meta, cost)
+        return self._like([runs[party] for party in self.parties], meta, cost, other)
 
     def _truncated(self) -> SharedTensor:
         """Back to ``precision`` fractional bits after a product by a public fixed-point value."""
@@ -384,7 +426,7 @@ def cat(tensors: Sequence[SharedTensor], dim: int = 0) -> SharedTensor:
     meta = torch.cat([t._meta for t in tensors], dim)
     columns = zip(*(t.shares for t in tensors), strict=True)
     shares = [call(column[0].location, "cat", [list(column)], {"dim": dim}) for column in columns]
-    return first._like(shares, meta)
+    return first._like(shares, meta, FREE, *tensors[1:])
 
 
 _TORCH_FUNCTIONS: dict[Any, Any] = {
