@@ -5,12 +5,12 @@ Importing :mod:`mpc` registers the ``mpc`` command set (what parties serve) and 
 set (what a crypto provider serves). It builds on :mod:`actors` and :mod:`protocol` only.
 """
 
-from mpc import beaver, conv, fixed, provider, sigmoid, truncation
+from mpc import beaver, conv, fixed, provider, sigmoid, training, truncation
 from mpc.fixed import FixedPrecisionTensor, fix_precision, float_precision
 from mpc.nn import ApproxSigmoid, SharedModule, share_module
 from mpc.provider import COMMAND_SET, PROVIDER_SET
 from mpc.ring import PRECISION, decode, encode
-from mpc.tensor import Cost, Meter, SharedTensor, cat, meter, prepare, share
+from mpc.tensor import Cost, Meter, Recording, SharedTensor, cat, meter, prepare, recording, share
 
 __all__ = [
     "ApproxSigmoid",
@@ -21,6 +21,8 @@ __all__ = [
     "SharedModule",
     "cat",
     "meter",
+    "Recording",
+    "recording",
     "share_module",
     "COMMAND_SET",
     "PRECISION",
@@ -36,5 +38,6 @@ __all__ = [
     "provider",
     "share",
     "sigmoid",
+    "training",
     "truncation",
 ]

@@ -25,7 +25,7 @@ import torch
 
 from actors.context import Context
 from actors.registry import command
-from mpc.ring import SEED_BYTES, check_precision, expand, new_seed
+from mpc.ring import SEED_BYTES, check_shift, expand, new_seed
 from protocol import BadArguments
 
 #: The set parties serve (``aiosyft worker --enable mpc``) and the one providers serve.
@@ -68,7 +68,7 @@ def _check_request(kind: str, shapes: Any, options: Any) -> list[list[int]]:
     if not isinstance(options, dict):
         raise BadArguments("options must be a map")
     if kind == "trunc":
-        check_precision(options.get("precision"))
+        check_shift(options.get("precision"))
     out = material_shapes(kind, shapes, {k: v for k, v in options.items() if k != "precision"})
     if any(torch.Size(s).numel() > MAX_ELEMENTS for s in out):
         raise BadArguments(f"material of more than {MAX_ELEMENTS} elements per tensor is refused")

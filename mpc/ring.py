@@ -37,10 +37,19 @@ def check_precision(precision: int) -> int:
     return precision
 
 
+def check_shift(bits: int) -> int:
+    """A truncation's shift: fractional bits of a product (a precision plus a public factor's)."""
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 0 <= bits <= 62:
+        raise ValueError(f"a truncation shifts by 0 to 62 bits, got {bits!r}")
+    return bits
+
+
 def encode(value: torch.Tensor | float, precision: int = PRECISION) -> torch.Tensor:
     """``round(value * 2^precision)`` as int64; refuses values whose encoding would not fit
-    (rather than wrapping them silently into other numbers)."""
-    check_precision(precision)
+    (rather than wrapping them silently into other numbers). Public factors may use more
+    fractional bits than a tensor's precision (up to 46)."""
+    if not isinstance(precision, int) or isinstance(precision, bool) or not 0 <= precision <= 46:
+        raise ValueError(f"precision is a number of fractional bits from 0 to 46, got {precision!r}")
     tensor = (
         torch.as_tensor(value, dtype=torch.float64)
         if isinstance(value, int | float)

@@ -18,6 +18,7 @@ import asyncio
 import collections
 import contextlib
 import contextvars
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -270,6 +271,19 @@ class SharedTensor:
     def matmul(self, other: Any) -> SharedTensor:
         return self @ other
 
+    def scale(self, factor: float) -> SharedTensor:
+        """Times a public real ``factor``, encoded with enough extra fractional bits that a small
+        factor keeps about 20 significant bits (``0.001 * 2 / 32`` in 16 bits would be 4)."""
+        if self.precision is None:
+            raise TypeError("scaling by a real number needs fixed precision")
+        if factor == 0:
+            return self * 0
+        extra = min(max(0, 20 - math.floor(math.log2(abs(factor))) - self.precision), 46 - self.precision)
+        bits = self.precision + max(extra, 0)
+        public = encode(torch.tensor(float(factor), dtype=torch.float64), bits)
+        scaled = self._like([share * public for share in self.shares], self._meta)
+        return scaled._truncated(bits)
+
     def combine(self, terms: Sequence[tuple[float, SharedTensor]], constant: float = 0.0) -> SharedTensor:
         """``constant + sum(c * t for c, t in terms)`` with public real ``c``: one truncation for
         the whole sum (a round among three or more parties), not one per term."""
@@ -334,6 +348,8 @@ class SharedTensor:
     def _material(self, kind: str, shapes: list[list[int]], options: dict[str, Any]) -> list[PointerTensor]:
         """One operation's material: made ahead (:func:`prepare`) or asked for now."""
         key = _material_key(self._provider(), self.parties, kind, shapes, options)
+        for recording in _RECORDINGS.get():
+            recording.keys.append(key)
         ready = _PREPARED.get(key)
         if ready:
             material = ready.popleft()
@@ -345,22 +361,12 @@ class SharedTensor:
     def _new_material(
         self, kind: str, shapes: list[list[int]], options: dict[str, Any]
     ) -> list[PointerTensor]:
-        """Ask the provider for one operation's material; each party gets its part."""
-        provider = self._provider()
-        ids = [p.id for p in self.parties]
-        calls: dict[actors.RemoteWorker, tuple[list[Any], dict[str, Any] | None]] = {
-            provider: ([kind, shapes, ids, options], None)
-        }
-        last = len(self.parties) - 1
-        for i, party in enumerate(self.parties):
-            calls[party] = ([kind, shapes, provider.id, i == last, options], None)
-        runs = start_flow("mpc.material", calls, ops={provider: "provider.material"})
-        return [runs[party] for party in self.parties]
+        return _new_material(self._provider(), self.parties, kind, shapes, options)
 
-    def _trunc_material(self, shape: Sequence[int]) -> list[PointerTensor] | None:
+    def _trunc_material(self, shape: Sequence[int], bits: int | None = None) -> list[PointerTensor] | None:
         if self.precision is None or len(self.parties) == 2:
             return None
-        return self._material("trunc", [list(shape)], {"precision": self.precision})
+        return self._material("trunc", [list(shape)], {"precision": self.precision if bits is None else bits})
 
     def _beaver(
         self, op: str, other: SharedTensor, meta: torch.Tensor, product_options: dict[str, Any] | None = None
@@ -387,23 +393,25 @@ class SharedTensor:
         cost = Cost(rounds=2 if trunc else 1, online_bytes=online, material_bytes=material_bytes)
         return self._like([runs[party] for party in self.parties], meta, cost, other)
 
-    def _truncated(self) -> SharedTensor:
-        """Back to ``precision`` fractional bits after a product by a public fixed-point value."""
+    def _truncated(self, bits: int | None = None) -> SharedTensor:
+        """Back to ``precision`` fractional bits after a product by a public value encoded with
+        ``bits`` fractional bits (default: the same precision)."""
         assert self.precision is not None
+        bits = self.precision if bits is None else bits
         n = len(self.parties)
         if n == 2:
             shares = [
-                call(share.location, "mpc.truncate_share", [share, self.precision, i])
+                call(share.location, "mpc.truncate_share", [share, bits, i])
                 for i, share in enumerate(self.shares)
             ]
             return self._like(shares, self._meta)
-        trunc = self._trunc_material(self.shape)
+        trunc = self._trunc_material(self.shape, bits)
         assert trunc is not None
         ids = [p.id for p in self.parties]
         runs = start_flow(
             "mpc.truncate_shared",
             {
-                party: ([self.shares[i]], {"precision": self.precision, "parties": ids, "trunc": trunc[i]})
+                party: ([self.shares[i]], {"precision": bits, "parties": ids, "trunc": trunc[i]})
                 for i, party in enumerate(self.parties)
             },
         )
@@ -449,6 +457,22 @@ _TORCH_FUNCTIONS: dict[Any, Any] = {
 }
 
 
+def _new_material(
+    provider: actors.RemoteWorker, parties: Sequence[actors.RemoteWorker], kind: str, shapes: list[list[int]],
+    options: dict[str, Any],
+) -> list[PointerTensor]:  # fmt: skip
+    """Ask the provider for one operation's material; each party gets its part."""
+    ids = [p.id for p in parties]
+    calls: dict[actors.RemoteWorker, tuple[list[Any], dict[str, Any] | None]] = {
+        provider: ([kind, shapes, ids, options], None)
+    }
+    last = len(parties) - 1
+    for i, party in enumerate(parties):
+        calls[party] = ([kind, shapes, provider.id, i == last, options], None)
+    runs = start_flow("mpc.material", calls, ops={provider: "provider.material"})
+    return [runs[party] for party in parties]
+
+
 #: Material made ahead of need, by (provider, parties, kind, shapes, options), oldest first.
 _PREPARED: dict[tuple[Any, ...], collections.deque[list[PointerTensor]]] = {}
 
@@ -458,6 +482,39 @@ def _material_key(
     options: dict[str, Any],
 ) -> tuple[Any, ...]:  # fmt: skip
     return (provider, tuple(parties), kind, tuple(tuple(s) for s in shapes), tuple(sorted(options.items())))
+
+
+class Recording:
+    """The material a computation asked for, to have it made ahead next time (``prepare()``)."""
+
+    def __init__(self) -> None:
+        self.keys: list[tuple[Any, ...]] = []
+
+    def prepare(self) -> list[list[PointerTensor]]:
+        """Ask for all of it now; returns the material, for whoever wants to await it."""
+        made = []
+        for key in self.keys:
+            provider, parties, kind, shapes, options = key
+            material = _new_material(provider, parties, kind, [list(s) for s in shapes], dict(options))
+            _PREPARED.setdefault(key, collections.deque()).append(material)
+            made.append(material)
+        return made
+
+
+_RECORDINGS: contextvars.ContextVar[tuple[Recording, ...]] = contextvars.ContextVar(
+    "mpc_recordings", default=()
+)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[Recording]:
+    """Record the material the operations issued inside ask for (``with mpc.recording() as r``)."""
+    recorded = Recording()
+    token = _RECORDINGS.set((*_RECORDINGS.get(), recorded))
+    try:
+        yield recorded
+    finally:
+        _RECORDINGS.reset(token)
 
 
 def prepare(op: str, x: SharedTensor, y: SharedTensor | Sequence[int] | None = None, count: int = 1) -> None:

@@ -19,7 +19,7 @@ from actors.context import Context
 from actors.registry import command
 from mpc.opening import check_parties, check_ring, open_all
 from mpc.provider import COMMAND_SET, take
-from mpc.ring import check_precision, truncate_share, truncate_share_
+from mpc.ring import check_shift, truncate_share, truncate_share_
 from protocol import BadArguments
 
 
@@ -27,7 +27,7 @@ async def truncate(  # noqa: PLR0917 - one private caller per protocol
     ctx: Context, z: torch.Tensor, precision: int, parties: list[str], index: int,
     material: list[torch.Tensor] | None,
 ) -> torch.Tensor:  # fmt: skip
-    check_precision(precision)
+    check_shift(precision)
     if len(parties) == 2:
         return truncate_share_(z, precision, index)
     if material is None:
@@ -57,7 +57,7 @@ async def truncate_flow(
 def truncate_local(share: torch.Tensor, precision: int, index: int) -> torch.Tensor:
     """Two-party truncation of this party's own share (see the module docstring)."""
     check_ring("share", share)
-    check_precision(precision)
+    check_shift(precision)
     if index not in (0, 1):
         raise BadArguments("local truncation is for two parties: index 0 or 1")
     return truncate_share(share, precision, index)
