@@ -27,6 +27,7 @@ from actors.registry import command_sets
 from actors.worker import GRACE
 from protocol import SyftError
 from runners.bench import bench_pointers, bench_transport, format_pointers, format_transport, write_json
+from runners.bench_mpc import bench_mpc, format_mpc, plot_mpc
 from runners.cluster import FAILED, LEADER, REPORT_ENV, SPIN, is_loopback, launch, run_worker
 from runners.datasets import DATA_ENV, SOURCES
 from runners.demo import demo
@@ -140,6 +141,13 @@ def _parser() -> argparse.ArgumentParser:
     transport = suites.add_parser("transport", help="WebSocket and TCP workers beside the raw transports")
     transport.add_argument("--json", type=Path, help="also write the figures to this file")
     transport.add_argument("--repeats", type=POSITIVE, default=5, help="timed runs; the median is reported")
+    spdz = suites.add_parser("mpc", help="SPDZ operations between worker processes, beside plain PyTorch")
+    spdz.add_argument("--json", type=Path, help="also write the figures to this file")
+    spdz.add_argument(
+        "--png", type=Path, default=Path("results/bench_mpc.png"), help="chart (default %(default)s)"
+    )
+    spdz.add_argument("--repeats", type=POSITIVE, default=5, help="timed runs; the median is reported")
+    spdz.add_argument("--transport", choices=TRANSPORTS, default="tcp")
     return parser
 
 
@@ -301,6 +309,13 @@ def _run(args: argparse.Namespace) -> None:
         results = asyncio.run(bench_transport(args.repeats))
         print(format_transport(results))
         write_json(results, args.json)
+    elif args.command == "bench" and args.suite == "mpc":
+        figures = asyncio.run(bench_mpc(args.repeats, args.transport))
+        print(format_mpc(figures))
+        write_json(figures, args.json)
+        args.png.parent.mkdir(parents=True, exist_ok=True)
+        plot_mpc(figures, args.png)
+        print(f"chart: {args.png}")
 
 
 def _failure(exc: BaseException) -> BaseException | None:
