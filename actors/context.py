@@ -9,10 +9,15 @@ cannot carry out what a pointer could not.
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 from actors.policy import EMPTY, Label, label_to_wire
-from protocol import Flow, PermissionDenied
+from protocol import Flow, PermissionDenied, WorkerLost
+
+#: Seconds a flow waits for one message from a party before counting it lost (a party that
+#: died before it ever connected here has no link whose loss would say so sooner).
+RECV_TIMEOUT = 120.0
 
 if TYPE_CHECKING:
     import structlog
@@ -92,6 +97,8 @@ class Context:
         """
         if self.flow_id is None:
             raise RuntimeError("send() is for flows: this command was not started as one")
+        if tag.startswith("!"):
+            raise ValueError(f"flow tags starting with '!' are the runtime's, not {tag!r}")
         label = self.label if label is None else label
         carried = self.worker.policy.check_leave(self.result_id, label, self.caller, party)
         connection = self.peer(party)
@@ -107,6 +114,13 @@ class Context:
             raise PermissionDenied(
                 f"{party} is not a party of this flow (parties: {', '.join(self.parties)})"
             )
-        value, label = await self.worker.flows.receive(self.flow_id, party, tag)
+        peer = self.peer(party)
+        if peer.lost is not None:  # our own link to it is down: it will not answer
+            raise WorkerLost(f"{party}, a party of this run, is unreachable: {peer.lost}")
+        try:
+            async with asyncio.timeout(RECV_TIMEOUT):
+                value, label = await self.worker.flows.receive(self.flow_id, party, tag)
+        except TimeoutError:
+            raise WorkerLost(f"{party}, a party of this run, sent nothing for {RECV_TIMEOUT:g} s") from None
         self.taint(label)
         return value

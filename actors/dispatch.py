@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from actors.context import Context
-from actors.flows import FLOW_OPTION
+from actors.flows import ABORT, FLOW_OPTION
 from actors.policy import (
     EMPTY,
     GRADIENT,
@@ -752,6 +752,8 @@ class Dispatch:
                 self._put(result_id, failure, sender, EMPTY)
                 if not session.closed:
                     session.error(0, failure.error)
+                if flow_id is not None and parties:
+                    self._abort_run(flow_id, parties, spec.name, failure.error.type_name)
             else:
                 rule = self.label_rules.get(spec.name)
                 out_label = rule(self._io_from(message, ctx)) if rule is not None else ctx.label
@@ -789,6 +791,21 @@ class Dispatch:
 
         future.add_done_callback(done)
         return node
+
+    def _abort_run(self, flow_id: int, parties: dict[str, str], op: str, error: str) -> None:
+        """Tell the run's other parties that this one failed, so that none waits for it. Only
+        the error's type travels (its message could quote data)."""
+        me = self.worker.id
+        for party, address in parties.items():
+            if party == me:
+                continue
+            try:
+                connection = self.worker.peer(party, address)
+                connection.tell(
+                    Flow(connection.next_id(), me, flow_id, ABORT, f"failed in {op} ({error})", None)
+                )
+            except Exception as exc:
+                self.log.info("abort not delivered", party=party, flow_id=flow_id, error=repr(exc))
 
     def _io_from(self, message: Command, ctx: Context) -> LabelIO:
         """A label rule's view of a registered command, from its message's references."""

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from actors.log import get_logger
 from actors.pointer import PointerTensor, call, new_object_id
 from actors.policy import Label
+from protocol import FlowAborted, SyftError
 
 if TYPE_CHECKING:
     from actors.remote import RemoteWorker
@@ -28,6 +29,10 @@ if TYPE_CHECKING:
 FLOW_OPTION = "flow"
 #: Messages kept for flows that have not asked for them yet, per worker.
 EARLY_LIMIT = 65536
+#: The tag a failed party's worker tells the others with (flows' own tags may not start with "!").
+ABORT = "!abort"
+#: Runs remembered as aborted (oldest forgotten first): a message may still be on its way.
+ABORTED_LIMIT = 4096
 
 _Key = tuple[int, str, str]
 
@@ -40,9 +45,15 @@ class FlowRouter:
         self._waiting: dict[_Key, asyncio.Future[tuple[Any, Label]]] = {}
         self._early: dict[_Key, collections.deque[tuple[Any, Label]]] = {}
         self._early_count = 0
+        #: Runs a party gave up on: flow id -> the error their receives get.
+        self._aborted: dict[int, SyftError] = {}
         self.log = get_logger(worker=worker_id)
 
     def deliver(self, sender: str, flow_id: int, tag: str, value: Any, label: Label) -> None:
+        if tag == ABORT:
+            reason = value if isinstance(value, str) else "failed"
+            self.abort(flow_id, FlowAborted(f"{sender}, a party of this run, {reason[:200]}"))
+            return
         key = (flow_id, sender, tag)
         waiter = self._waiting.pop(key, None)
         if waiter is not None and not waiter.done():
@@ -66,10 +77,30 @@ class FlowRouter:
             if not early:
                 del self._early[key]
             return future
+        aborted = self._aborted.get(flow_id)
+        if aborted is not None:
+            future.set_exception(aborted)
+            return future
         if key in self._waiting:
             raise RuntimeError(f"flow {flow_id:#x} already waits for {tag!r} from {party}")
         self._waiting[key] = future
         return future
+
+    def abort(self, flow_id: int, error: SyftError) -> None:
+        """Another party of run ``flow_id`` gave up: what this worker's part waits for, and
+        will wait for, fails with ``error`` (messages already here are still delivered)."""
+        self._aborted[flow_id] = error
+        while len(self._aborted) > ABORTED_LIMIT:
+            del self._aborted[next(iter(self._aborted))]
+        for key in [k for k in self._waiting if k[0] == flow_id]:
+            waiter = self._waiting.pop(key)
+            if not waiter.done():
+                waiter.set_exception(error)
+
+    def party_lost(self, party: str, error: SyftError) -> None:
+        """``party`` left (its last link closed): every run waiting on it fails now."""
+        for flow_id in {k[0] for k in self._waiting if k[1] == party}:
+            self.abort(flow_id, error)
 
     def forget(self, flow_id: int) -> None:
         """A run ended on this worker: drop what it left (messages nobody will ask for)."""

@@ -35,6 +35,7 @@ from protocol import (
     Reply,
     SyftError,
     WireError,
+    WorkerLost,
     published_id,
 )
 from protocol.codec import Buffer
@@ -248,6 +249,7 @@ class Worker:
         if any(other.identity == identity for other in self.sessions):
             return
         self.dispatch.source_lost(identity)
+        self.flows.party_lost(identity, WorkerLost(f"{identity}, a party of this run, left"))
         if identity not in self._departures and not self._closing:
             self._departures[identity] = asyncio.get_running_loop().call_later(
                 self.grace, self._forget, identity

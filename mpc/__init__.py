@@ -5,10 +5,11 @@ Importing :mod:`mpc` registers the ``mpc`` command set (what parties serve) and 
 set (what a crypto provider serves). It builds on :mod:`actors` and :mod:`protocol` only.
 """
 
-from mpc import beaver, conv, fixed, provider, sigmoid, training, truncation
+from mpc import beaver, conv, fixed, provider, sharing, sigmoid, training, truncation
 from mpc.fixed import FixedPrecisionTensor, fix_precision, float_precision
 from mpc.nn import ApproxSigmoid, SharedModule, share_module
 from mpc.provider import COMMAND_SET, PROVIDER_SET
+from mpc.release import SHARE, Shares
 from mpc.ring import PRECISION, decode, encode
 from mpc.tensor import Cost, Meter, Recording, SharedTensor, cat, meter, prepare, recording, share
 
@@ -37,6 +38,9 @@ __all__ = [
     "prepare",
     "provider",
     "share",
+    "sharing",
+    "Shares",
+    "SHARE",
     "sigmoid",
     "training",
     "truncation",

@@ -21,7 +21,7 @@ import torch
 from actors.context import Context
 from actors.registry import command
 from mpc.opening import check_parties, check_ring, open_all
-from mpc.provider import COMMAND_SET, PRODUCTS, take
+from mpc.provider import COMMAND_SET, PRODUCTS, Material, take
 from mpc.truncation import truncate
 from protocol import BadArguments
 
@@ -31,7 +31,7 @@ async def beaver(
     ctx: Context,
     x: torch.Tensor,
     y: torch.Tensor,
-    material: list[torch.Tensor],
+    material: Material,
     *,
     op: str,
     parties: list[str],
@@ -45,7 +45,7 @@ async def beaver(
     if product is None:
         raise BadArguments(f"unknown product {op!r}; known: {', '.join(PRODUCTS)}")
     x, y = check_ring("x", x), check_ring("y", y)
-    a, b, c = take(material, 3, "beaver")
+    a, b, c = take(material, op, 3)
     if a.shape != x.shape or b.shape != y.shape:
         raise BadArguments(
             f"the triple is for shapes {list(a.shape)} and {list(b.shape)}, "

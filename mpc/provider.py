@@ -109,16 +109,14 @@ async def make_material(
 @command("mpc.material", command_set=COMMAND_SET, kind="flow")
 async def receive_material(  # noqa: PLR0917 - one flow's fixed arguments
     ctx: Context, kind: str, shapes: list[list[int]], provider: str, last: bool, options: dict[str, Any]
-) -> list[torch.Tensor]:
-    """A party's half: its material as ``[a, b, c]`` (``[r, r >> f]`` for truncation). Single
-    use: the protocol that takes it empties the list (a triple used twice would let the parties
-    subtract two openings and learn the difference of two secrets)."""
+) -> Material:
+    """A party's half: its material, ``[a, b, c]`` (``[r, r >> f]`` for truncation), single use."""
     out = _check_request(kind, shapes, options)
     seed = await ctx.recv(provider, "seed")
     if not isinstance(seed, bytes) or len(seed) != SEED_BYTES:
         raise BadArguments(f"a material seed is {SEED_BYTES} bytes")
     if not last:
-        return expand(seed, out)
+        return Material(kind, expand(seed, out))
     mine = expand(seed, out[:-1])
     product = await ctx.recv(provider, "product")
     if (
@@ -127,17 +125,37 @@ async def receive_material(  # noqa: PLR0917 - one flow's fixed arguments
         or list(product.shape) != out[-1]
     ):
         raise BadArguments(f"the provider's share should be int64 of shape {out[-1]}")
-    return [*mine, product]
+    return Material(kind, [*mine, product])
 
 
-def take(material: Any, size: int, what: str) -> list[torch.Tensor]:
-    """The tensors of one party's material, which is used up: a second use finds it empty."""
-    if not (isinstance(material, list) and len(material) == size):
-        raise BadArguments(f"{what} material is {size} int64 tensors, not used before")
-    tensors = list(material)
-    material.clear()
-    if not all(isinstance(t, torch.Tensor) and t.dtype == torch.int64 for t in tensors):
-        raise BadArguments(f"{what} material is {size} int64 tensors")
+class Material:
+    """One party's part of one operation's correlated randomness, as :func:`receive_material`
+    made it from the provider's messages. No message can carry one (the codec knows no such
+    type), so a protocol's material always comes from a provider, never from the leader: a
+    leader passing zeros as a "triple" would have the parties open their inputs unmasked."""
+
+    __slots__ = ("kind", "tensors")
+
+    def __init__(self, kind: str, tensors: list[torch.Tensor]) -> None:
+        self.kind = kind
+        self.tensors: list[torch.Tensor] | None = tensors
+
+    def __repr__(self) -> str:
+        state = "used" if self.tensors is None else f"{len(self.tensors)} tensors"
+        return f"<Material {self.kind}: {state}>"
+
+
+def take(material: Any, kind: str, size: int) -> list[torch.Tensor]:
+    """The tensors of one party's material, which is used up: a triple used twice would let the
+    parties subtract two openings and learn the difference of two secrets."""
+    if not isinstance(material, Material):
+        raise BadArguments(f"{kind} needs material made by a crypto provider (mpc.material), "
+                           f"not a {type(material).__name__}")  # fmt: skip
+    if material.tensors is None:
+        raise BadArguments(f"this {material.kind} material was used already: material is single use")
+    if material.kind != kind or len(material.tensors) != size:
+        raise BadArguments(f"{kind} needs {kind} material, got {material.kind}")
+    tensors, material.tensors = material.tensors, None
     return tensors
 
 

@@ -30,6 +30,7 @@ import actors
 from actors.flows import start_flow
 from actors.pointer import PointerTensor, call
 from mpc.ring import PRECISION, check_precision, decode, encode, split
+from protocol import SyftError
 
 
 @dataclass(frozen=True)
@@ -540,13 +541,16 @@ def share(
     *parties: actors.RemoteWorker,
     crypto_provider: actors.RemoteWorker | None = None,
     precision: int | None = PRECISION,
+    shape: Sequence[int] | None = None,
 ) -> SharedTensor:
     """Additive shares of ``value`` on ``parties``.
 
     ``value`` is a float tensor (encoded with ``precision`` fractional bits), an int64 tensor
     (shared as integers when ``precision`` is ``None``), or a fixed-precision tensor (its own
     precision). A local value is split here, with the secure generator, and each party is sent
-    its share only."""
+    its share only. A remote one (a pointer, or a fixed-precision tensor on a worker) is split
+    on its worker, which sends the parties their shares directly: its owner's *shares* release
+    (:class:`mpc.release.Shares`) decides whether they may go."""
     if len(parties) < 2:
         raise ValueError("share among two or more parties")
     if len({p.id for p in parties}) != len(parties):
@@ -555,13 +559,31 @@ def share(
         raise ValueError(f"the crypto provider {crypto_provider.id} cannot also be a party")
     child, precision = _ring_of(value, precision)
     if isinstance(child, PointerTensor):
-        raise NotImplementedError(
-            "sharing a remote tensor from where it lives arrives with the shares release"
-        )
+        return _share_remote(child, parties, crypto_provider, precision, shape)
     shares = [
         actors.send(piece, party) for piece, party in zip(split(child, len(parties)), parties, strict=True)
     ]
     return SharedTensor(shares, parties, crypto_provider, precision, child.shape)
+
+
+def _share_remote(
+    child: PointerTensor, parties: Sequence[actors.RemoteWorker], provider: actors.RemoteWorker | None,
+    precision: int | None, shape: Sequence[int] | None,
+) -> SharedTensor:  # fmt: skip
+    """Split where the data lives (:mod:`mpc.sharing`): its worker sends each party its share."""
+    if shape is None:
+        try:
+            shape = child.shape
+        except SyftError as exc:
+            raise ValueError(f"sharing {child!r} needs its shape: await it first, or pass shape=") from exc
+    owner = child.location
+    options = {"owner": owner.id, "parties": [p.id for p in parties]}
+    calls: dict[actors.RemoteWorker, tuple[list[Any], dict[str, Any] | None]] = {owner: ([child], options)}
+    for party in parties:
+        if party is not owner:
+            calls[party] = ([], options)
+    runs = start_flow("mpc.share_from", calls)
+    return SharedTensor([runs[party] for party in parties], parties, provider, precision, shape)
 
 
 def _ring_of(value: Any, precision: int | None) -> tuple[Any, int | None]:

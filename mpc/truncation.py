@@ -18,21 +18,21 @@ import torch
 from actors.context import Context
 from actors.registry import command
 from mpc.opening import check_parties, check_ring, open_all
-from mpc.provider import COMMAND_SET, take
+from mpc.provider import COMMAND_SET, Material, take
 from mpc.ring import check_shift, truncate_share, truncate_share_
 from protocol import BadArguments
 
 
 async def truncate(  # noqa: PLR0917 - one private caller per protocol
     ctx: Context, z: torch.Tensor, precision: int, parties: list[str], index: int,
-    material: list[torch.Tensor] | None,
+    material: Material | None,
 ) -> torch.Tensor:  # fmt: skip
     check_shift(precision)
     if len(parties) == 2:
         return truncate_share_(z, precision, index)
     if material is None:
         raise BadArguments(f"truncation among {len(parties)} parties needs the provider's [r, r >> f]")
-    r, shifted = take(material, 2, "truncation")
+    r, shifted = take(material, "trunc", 2)
     if r.shape != z.shape or shifted.shape != z.shape:
         raise BadArguments(f"truncation material must be of shape {list(z.shape)}")
     (masked,) = await open_all(ctx, parties, "x-r", [z - r])
@@ -46,7 +46,7 @@ async def truncate_flow(
     *,
     precision: int,
     parties: list[str],
-    trunc: list[torch.Tensor] | None = None,
+    trunc: Material | None = None,
 ) -> torch.Tensor:
     """Truncate one shared value on its own (after a product by a public fixed-point number)."""
     index = check_parties(ctx, parties)

@@ -8,6 +8,7 @@ from protocol.errors import (
     AuthenticationFailed,
     BadArguments,
     CommandNotAllowed,
+    FlowAborted,
     FrameTooLarge,
     MalformedFrame,
     MalformedMessage,
@@ -77,6 +78,7 @@ __all__ = [
     "UnsupportedVersion",
     "WireError",
     "WorkerLost",
+    "FlowAborted",
     "published_id",
     "ref_ext",
 ]

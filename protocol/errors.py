@@ -89,6 +89,11 @@ class WorkerLost(SyftError):
     address: str | None = None
 
 
+class FlowAborted(SyftError):
+    """Another party of the same protocol run failed or left: this party's part cannot finish.
+    The message names that party and its error's type."""
+
+
 class RemoteError(SyftError):
     """A command failed on the remote worker with an exception that is not an aiosyft error.
 
@@ -126,6 +131,7 @@ _SYFT_ERRORS: dict[str, type[SyftError]] = {
         AuthenticationFailed,
         WorkerLost,
         PointerNotResolved,
+        FlowAborted,
     )
 }
 
