@@ -15,6 +15,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -34,6 +35,8 @@ from runners.demo import demo
 from runners.experiments import TRANSPORTS as EXPERIMENT_TRANSPORTS
 from runners.experiments import settings_from, table1, train_command, use_data_dir
 from runners.federated import SPLITS, Federation
+from runners.mpc_experiment import DEFAULTS as MPC_DEFAULTS
+from runners.mpc_experiment import format_mpc_result, mpc_command
 
 #: What ``aiosyft worker`` serves by default beside the torch allowlist: federated training and
 #: being a party to SPDZ. Being a crypto provider is asked for (``--enable provider``).
@@ -73,6 +76,7 @@ def _number(kind: Callable[[str], Any], name: str, accept: Callable[[Any], bool]
 
 
 POSITIVE = _number(int, "a positive integer", lambda value: value > 0)
+TWO_OR_MORE = _number(int, "an integer of at least 2", lambda value: value >= 2)
 PORT = _number(int, "a port number (0-65535)", lambda value: 0 <= value <= 65535)
 NONNEGATIVE_FLOAT = _number(float, "a number >= 0", lambda value: math.isfinite(value) and value >= 0)
 POSITIVE_FLOAT = _number(float, "a number > 0", lambda value: math.isfinite(value) and value > 0)
@@ -115,6 +119,15 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("demo", help="pointer tensors on virtual workers, checked against PyTorch")
     _worker_parser(commands)
     _train_parser(commands)
+
+    spdz = commands.add_parser("mpc", help="encrypted inference and training beside plaintext (SPDZ)")
+    spdz.add_argument("--dataset", choices=sorted(SOURCES), default="boston")
+    spdz.add_argument("--parties", type=TWO_OR_MORE, default=2, help="parties holding shares (default 2)")
+    spdz.add_argument("--transport", choices=EXPERIMENT_TRANSPORTS, default="virtual")
+    spdz.add_argument("--epochs", type=POSITIVE, help="encrypted training epochs (default per dataset)")
+    spdz.add_argument("--lr", type=POSITIVE_FLOAT, help="learning rate (default per dataset)")
+    spdz.add_argument("--json", type=Path, help="also write the figures to this file")
+    _data_dir_option(spdz)
 
     table = commands.add_parser("table1", help="the paper's Table 1 (training time per mode), measured here")
     table.add_argument(
@@ -296,6 +309,13 @@ def _run(args: argparse.Namespace) -> None:
             federation, args.transport, args.style, settings_from(args), rounds, min_workers=args.min_workers
         )
         asyncio.run(run)
+    elif args.command == "mpc":
+        use_data_dir(args.data_dir)
+        defaults = MPC_DEFAULTS[args.dataset]
+        settings = replace(defaults, epochs=args.epochs or defaults.epochs, lr=args.lr or defaults.lr)
+        figures = asyncio.run(mpc_command(args.dataset, args.parties, args.transport, settings))
+        print(format_mpc_result(figures))
+        write_json(figures, args.json)
     elif args.command == "table1":
         use_data_dir(args.data_dir)
         asyncio.run(table1(args.repeats, args.json, args.png))
