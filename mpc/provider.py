@@ -112,20 +112,30 @@ async def receive_material(  # noqa: PLR0917 - one flow's fixed arguments
 ) -> Material:
     """A party's half: its material, ``[a, b, c]`` (``[r, r >> f]`` for truncation), single use."""
     out = _check_request(kind, shapes, options)
+    tensors = await receive_part(ctx, provider, out, last=last)
+    if tensors[-1] is None:
+        tensors[-1] = await receive_product(ctx, provider, out[-1])
+    return Material(kind, tensors)  # type: ignore[arg-type]
+
+
+async def receive_part(
+    ctx: Context, provider: str, shapes: list[list[int]], *, last: bool
+) -> list[torch.Tensor | None]:
+    """This party's material from its seed; the last party's final tensor is ``None`` until
+    :func:`receive_product` brings it (the provider sends it once it is made)."""
     seed = await ctx.recv(provider, "seed")
     if not isinstance(seed, bytes) or len(seed) != SEED_BYTES:
         raise BadArguments(f"a material seed is {SEED_BYTES} bytes")
     if not last:
-        return Material(kind, expand(seed, out))
-    mine = expand(seed, out[:-1])
+        return list(expand(seed, shapes))
+    return [*expand(seed, shapes[:-1]), None]
+
+
+async def receive_product(ctx: Context, provider: str, shape: list[int]) -> torch.Tensor:
     product = await ctx.recv(provider, "product")
-    if (
-        not isinstance(product, torch.Tensor)
-        or product.dtype != torch.int64
-        or list(product.shape) != out[-1]
-    ):
-        raise BadArguments(f"the provider's share should be int64 of shape {out[-1]}")
-    return Material(kind, [*mine, product])
+    if not isinstance(product, torch.Tensor) or product.dtype != torch.int64 or list(product.shape) != shape:
+        raise BadArguments(f"the provider's share should be int64 of shape {shape}")
+    return product
 
 
 class Material:
@@ -164,6 +174,9 @@ __all__ = [
     "PROVIDER_SET",
     "make_material",
     "material_shapes",
+    "Material",
     "receive_material",
+    "receive_part",
+    "receive_product",
     "take",
 ]

@@ -348,16 +348,23 @@ class SharedTensor:
 
     def _material(self, kind: str, shapes: list[list[int]], options: dict[str, Any]) -> list[PointerTensor]:
         """One operation's material: made ahead (:func:`prepare`) or asked for now."""
+        prepared = self._prepared(kind, shapes, options)
+        return prepared if prepared is not None else self._new_material(kind, shapes, options)
+
+    def _prepared(
+        self, kind: str, shapes: list[list[int]], options: dict[str, Any]
+    ) -> list[PointerTensor] | None:
+        """Material made ahead for this operation, if any (and note the need, when recording)."""
         key = _material_key(self._provider(), self.parties, kind, shapes, options)
         for recording in _RECORDINGS.get():
             recording.keys.append(key)
         ready = _PREPARED.get(key)
-        if ready:
-            material = ready.popleft()
-            if not ready:
-                del _PREPARED[key]
-            return material
-        return self._new_material(kind, shapes, options)
+        if not ready:
+            return None
+        material = ready.popleft()
+        if not ready:
+            del _PREPARED[key]
+        return material
 
     def _new_material(
         self, kind: str, shapes: list[list[int]], options: dict[str, Any]
@@ -373,21 +380,23 @@ class SharedTensor:
         self, op: str, other: SharedTensor, meta: torch.Tensor, product_options: dict[str, Any] | None = None
     ) -> SharedTensor:
         self._check_peer(other)
-        x_shape, y_shape = list(self.shape), list(other.shape)
-        material = self._material(op, [x_shape, y_shape], product_options or {})
+        provider = self._provider()
+        shapes = [list(self.shape), list(other.shape)]
+        material = self._prepared(op, shapes, product_options or {})
         trunc = self._trunc_material(meta.shape)
         ids = [p.id for p in self.parties]
         options: dict[str, Any] = {"op": op, "parties": ids, "precision": self.precision}
         if product_options:
             options["options"] = product_options
-        calls = {
-            party: (
-                [self.shares[i], other.shares[i], material[i]],
-                {**options, "trunc": trunc[i] if trunc else None},
-            )
-            for i, party in enumerate(self.parties)
-        }
-        runs = start_flow("mpc.beaver", calls)
+        calls: dict[actors.RemoteWorker, tuple[list[Any], dict[str, Any] | None]] = {}
+        for i, party in enumerate(self.parties):
+            args = [self.shares[i], other.shares[i], material[i] if material else None]
+            calls[party] = (args, {**options, "trunc": trunc[i] if trunc else None, "provider": provider.id})
+        ops = None
+        if material is None:  # the provider makes this run's triple within the run
+            calls[provider] = ([op, shapes, ids, product_options or {}], None)
+            ops = {provider: "provider.material"}
+        runs = start_flow("mpc.beaver", calls, ops=ops)
         n = len(self.parties)
         online = n * (n - 1) * 8 * (self.numel() + other.numel() + (meta.numel() if trunc else 0))
         material_bytes = (16 * n + 8 * meta.numel()) * (2 if trunc else 1)
