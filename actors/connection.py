@@ -83,6 +83,7 @@ class Connection:
         #: Whether the worker has answered (a link that never did may not have carried anything).
         self.usable = expect_id is None
         self._unreached: list[Callable[[BaseException], None]] = []
+        self._watchers: list[Callable[[BaseException], None]] = []
         #: Objects moved away from this worker by id, to the connection of the worker they went
         #: to: a report that one could not be delivered is turned into its failure there.
         self.forwarded: dict[int, Connection] = {}
@@ -123,6 +124,13 @@ class Connection:
             callback(self.lost)
         elif not self.usable:
             self._unreached.append(callback)
+
+    def when_lost(self, callback: Callable[[BaseException], None]) -> None:
+        """Call ``callback`` with the reason when this link is lost (now, if it already is)."""
+        if self.lost is not None:
+            callback(self.lost)
+        else:
+            self._watchers.append(callback)
 
     @property
     def address(self) -> str:
@@ -323,4 +331,7 @@ class Connection:
                 future.set_exception(self.lost)
         unreached, self._unreached = self._unreached, []
         for callback in unreached:
+            callback(self.lost)
+        watchers, self._watchers = self._watchers, []
+        for callback in watchers:
             callback(self.lost)

@@ -11,6 +11,7 @@ is parked by the dispatcher, and the next ones go on.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import time
 from collections.abc import Callable, Iterable
@@ -314,7 +315,14 @@ class Worker:
             codec = Codec(self.codec.max_frame_size)
             connection = Connection(self.id, peer_id, transport, codec, expect_id=peer_id)
             self.peers[key] = connection
+            connection.when_lost(functools.partial(self._peer_lost, peer_id))
         return connection
+
+    def _peer_lost(self, peer_id: str, reason: BaseException) -> None:
+        """Our link to a peer dropped: the flows waiting on it would wait in vain."""
+        self.flows.party_lost(
+            peer_id, WorkerLost(f"{peer_id}, a party of this run, is unreachable: {reason}")
+        )
 
     # -- data of its own --------------------------------------------------------------------
     def publish(
