@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import copy
 import itertools
 from collections.abc import Callable
 from typing import Any
@@ -125,6 +126,12 @@ class Connection:
         elif not self.usable:
             self._unreached.append(callback)
 
+    def lost_error(self) -> SyftError:
+        """A fresh copy of why the link is lost, to raise: raising the one stored error would
+        hang each raiser's frames (and every object they hold) on this connection."""
+        assert self.lost is not None
+        return copy.copy(self.lost)
+
     def when_lost(self, callback: Callable[[BaseException], None]) -> None:
         """Call ``callback`` with the reason when this link is lost (now, if it already is)."""
         if self.lost is not None:
@@ -140,7 +147,7 @@ class Connection:
     def tell(self, message: Any) -> None:
         """Send ``message`` without waiting for anything."""
         if self.lost is not None:
-            raise self.lost
+            raise self.lost_error()
         if self._held is not None:
             self._held.append(message)
             return
@@ -149,7 +156,7 @@ class Connection:
     def tell_all(self, messages: list[Any]) -> None:
         """Send ``messages`` together: what they carry is captured once, in one frame."""
         if self.lost is not None:
-            raise self.lost
+            raise self.lost_error()
         if self._held is not None:
             self._held.extend(messages)
             return
@@ -161,7 +168,7 @@ class Connection:
     def command(self, result_id: int, op: str, args: list[Any], kwargs: dict[str, Any] | None) -> None:
         """Pipeline one COMMAND; the hot path of every pointer operation."""
         if self.lost is not None:
-            raise self.lost
+            raise self.lost_error()
         fields = [_COMMAND, self.next_id(), self.local_id, result_id, op, args, kwargs]
         self._added(self._frame.add_wire(fields))
 
@@ -177,7 +184,7 @@ class Connection:
         """Send ``message`` and return a future for its reply (or its typed error)."""
         future = self.loop.create_future()
         if self.lost is not None:
-            future.set_exception(self.lost)
+            future.set_exception(self.lost_error())
             return future
         self._add_deletes()  # objects dropped before this question are gone when it is answered
         self.tell(message)
@@ -328,7 +335,7 @@ class Connection:
         pending, self._pending = self._pending, {}
         for future in pending.values():
             if not future.done():
-                future.set_exception(self.lost)
+                future.set_exception(self.lost_error())
         unreached, self._unreached = self._unreached, []
         for callback in unreached:
             callback(self.lost)

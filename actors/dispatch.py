@@ -753,7 +753,7 @@ class Dispatch:
                 if not session.closed:
                     session.error(0, failure.error)
                 if flow_id is not None and parties:
-                    self._abort_run(flow_id, parties, spec.name, failure.error.type_name)
+                    self._abort_run(flow_id, parties, spec.name, failure.error)
             else:
                 rule = self.label_rules.get(spec.name)
                 out_label = rule(self._io_from(message, ctx)) if rule is not None else ctx.label
@@ -792,18 +792,17 @@ class Dispatch:
         future.add_done_callback(done)
         return node
 
-    def _abort_run(self, flow_id: int, parties: dict[str, str], op: str, error: str) -> None:
-        """Tell the run's other parties that this one failed, so that none waits for it. Only
-        the error's type travels (its message could quote data)."""
+    def _abort_run(self, flow_id: int, parties: dict[str, str], op: str, error: WireError) -> None:
+        """Tell the run's other parties that this one failed, so that none waits for it. The
+        error's message goes too, already withheld if the run had read labelled data."""
         me = self.worker.id
         for party, address in parties.items():
             if party == me:
                 continue
             try:
                 connection = self.worker.peer(party, address)
-                connection.tell(
-                    Flow(connection.next_id(), me, flow_id, ABORT, f"failed in {op} ({error})", None)
-                )
+                reason = f"failed in {op} ({error.type_name}: {error.message})"
+                connection.tell(Flow(connection.next_id(), me, flow_id, ABORT, reason, None))
             except Exception as exc:
                 self.log.info("abort not delivered", party=party, flow_id=flow_id, error=repr(exc))
 
@@ -983,11 +982,11 @@ class Dispatch:
                 owner = self.store.owners[obj_id]
                 if owner not in (requester, self.worker.id):
                     raise self.policy.refuse(obj_id, requester, f"move an object of {owner}")
+                if owner == requester:  # moved or refused, the sender's pointer has left it
+                    released.append(obj_id)
                 label = self.policy.check_leave(
                     obj_id, self.store.leaving_label(obj_id), requester, message.dest_id
                 )
-                if owner == requester:
-                    released.append(obj_id)
         except (ObjectNotFound, PermissionDenied, MalformedMessage) as exc:
             value = Failure(WireError.from_exception(exc, obj_id))
             session.error(message.msg_id, value.error)

@@ -233,7 +233,10 @@ class Worker:
 
     # -- lifecycle --------------------------------------------------------------------------
     def open_session(self, identity: str, send: Callable[[Buffer], None]) -> Session:
-        """A new mailbox for a link authenticated as ``identity``; ``send`` carries replies back."""
+        """A new mailbox for a link authenticated as ``identity``; ``send`` carries replies back.
+        A stopped worker takes none (a session opened then would serve on without a worker)."""
+        if self._closing:
+            raise WorkerLost(f"worker {self.id} stopped")
         session = Session(self, identity, send, self.mailbox_size)
         self.sessions.add(session)
         departure = self._departures.pop(identity, None)

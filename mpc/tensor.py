@@ -397,6 +397,8 @@ class SharedTensor:
             calls[provider] = ([op, shapes, ids, product_options or {}], None)
             ops = {provider: "provider.material"}
         runs = start_flow("mpc.beaver", calls, ops=ops)
+        if material is None:
+            _quietly(runs[provider])
         n = len(self.parties)
         online = n * (n - 1) * 8 * (self.numel() + other.numel() + (meta.numel() if trunc else 0))
         material_bytes = (16 * n + 8 * meta.numel()) * (2 if trunc else 1)
@@ -480,7 +482,15 @@ def _new_material(
     for i, party in enumerate(parties):
         calls[party] = ([kind, shapes, provider.id, i == last, options], None)
     runs = start_flow("mpc.material", calls, ops={provider: "provider.material"})
+    _quietly(runs[provider])
     return [runs[party] for party in parties]
+
+
+def _quietly(pointer: PointerTensor) -> None:
+    """Hear a provider's part out without reporting its failure: a failed part aborts the run,
+    so the parties' results carry the error already (and say which party failed)."""
+    task = asyncio.ensure_future(pointer.resolve())
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 #: Material made ahead of need, by (provider, parties, kind, shapes, options), oldest first.
