@@ -266,7 +266,7 @@ class SharedTensor:
     def __rmatmul__(self, other: Any) -> SharedTensor:
         public = self._public(other)
         meta = public.to("meta") @ self._meta
-        product = self._like([call(s.location, "matmul", [public, s]) for s in self.shares], meta)
+        product = self._like([call(s.location, "torch.matmul", [public, s]) for s in self.shares], meta)
         return product._truncated() if self.precision is not None else product
 
     def matmul(self, other: Any) -> SharedTensor:
@@ -445,7 +445,7 @@ def cat(tensors: Sequence[SharedTensor], dim: int = 0) -> SharedTensor:
         first._check_peer(other)
     meta = torch.cat([t._meta for t in tensors], dim)
     columns = zip(*(t.shares for t in tensors), strict=True)
-    shares = [call(column[0].location, "cat", [list(column)], {"dim": dim}) for column in columns]
+    shares = [call(column[0].location, "torch.cat", [list(column)], {"dim": dim}) for column in columns]
     return first._like(shares, meta, FREE, *tensors[1:])
 
 

@@ -1,5 +1,9 @@
 """Truncation of shared fixed-point values: from ``2f`` back to ``f`` fractional bits.
 
+In real terms, with ``f = 16`` a product of value ``v`` carries ``v * 2^32`` before truncation,
+so the large error has probability about ``|v| / 2^31``: 4e-7 at 900, 5% at 1e8. Keep values at
+the scale of machine learning (normalized inputs, small weights), or use fewer fractional bits.
+
 * **Two parties** (SecureML): each truncates its own share, party 0 ``z0 >> f``, party 1
   ``-((-z1) >> f)``. No communication. The result is off by at most one unit in the last place,
   except with probability about ``|x| / 2^63`` per element, when the shares straddle the wrap
