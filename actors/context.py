@@ -13,7 +13,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from actors.policy import EMPTY, Label, label_to_wire
-from protocol import Flow, PermissionDenied, WorkerLost
+from protocol import PermissionDenied, WorkerLost
 
 #: Seconds a flow waits for one message from a party before counting it lost (a party that
 #: died before it ever connected here has no link whose loss would say so sooner).
@@ -90,10 +90,12 @@ class Context:
         return self.worker.peer(party, address)
 
     def send(self, party: str, tag: str, value: Any, label: Label | None = None) -> None:
-        """Send ``value`` to ``party`` under ``tag``; it leaves at once, nothing is awaited.
+        """Send ``value`` to ``party`` under ``tag``; nothing is awaited.
 
         ``label`` is what the value was computed from (default: everything this flow has read),
-        and the policy decides, as for a FORWARD, whether it may go to ``party``.
+        and the policy decides, as for a FORWARD, whether it may go to ``party``. What the
+        worker's flows send one party in one turn of its event loop leaves as one message
+        (:meth:`~actors.flows.FlowRouter.post`): do not change ``value`` after sending it.
         """
         if self.flow_id is None:
             raise RuntimeError("send() is for flows: this command was not started as one")
@@ -101,10 +103,7 @@ class Context:
             raise ValueError(f"flow tags starting with '!' are the runtime's, not {tag!r}")
         label = self.label if label is None else label
         carried = self.worker.policy.check_leave(self.result_id, label, self.caller, party)
-        connection = self.peer(party)
-        connection.tell(
-            Flow(connection.next_id(), self.worker.id, self.flow_id, tag, value, label_to_wire(carried))
-        )
+        self.worker.flows.post(self.peer(party), self.flow_id, tag, value, label_to_wire(carried))
 
     async def recv(self, party: str, tag: str) -> Any:
         """The value ``party`` sent under ``tag`` in this run; its label joins this flow's."""

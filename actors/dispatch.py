@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from actors.context import Context
-from actors.flows import ABORT, FLOW_OPTION
+from actors.flows import ABORT, BATCH, FLOW_OPTION
 from actors.policy import (
     EMPTY,
     GRADIENT,
@@ -1096,6 +1096,17 @@ class Dispatch:
     def on_flow(self, session: Session, message: Flow) -> None:
         if type(message.flow_id) is not int or type(message.tag) is not str:
             raise MalformedMessage("FLOW needs an integer flow id and a string tag")
+        if message.tag == BATCH:  # several flows' messages from one peer, in the order sent
+            entries = message.value
+            if type(entries) is not list or not all(type(e) is list and len(e) == 4 for e in entries):
+                raise MalformedMessage("a FLOW batch is a list of [flow_id, tag, value, label]")
+            for flow_id, tag, _, _ in entries:  # all of it is readable, or none of it is taken
+                if type(flow_id) is not int or type(tag) is not str or tag.startswith("!"):
+                    raise MalformedMessage("a FLOW batch entry needs an integer flow id and a flow's tag")
+            labels = [label_from_wire(label) for *_, label in entries]
+            for (flow_id, tag, value, _), label in zip(entries, labels, strict=True):
+                self.worker.flows.deliver(session.identity, flow_id, tag, value, label)
+            return
         label = label_from_wire(message.label)
         self.worker.flows.deliver(session.identity, message.flow_id, message.tag, message.value, label)
 

@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 from actors.log import get_logger
 from actors.pointer import PointerTensor, call, new_object_id
 from actors.policy import Label
-from protocol import FlowAborted, SyftError
+from protocol import Flow, FlowAborted, MalformedMessage, SyftError
 
 if TYPE_CHECKING:
+    from actors.connection import Connection
     from actors.remote import RemoteWorker
 
 #: The keyword that carries a run's id and parties; a flow never sees it as an argument.
@@ -31,6 +32,8 @@ FLOW_OPTION = "flow"
 EARLY_LIMIT = 65536
 #: The tag a failed party's worker tells the others with (flows' own tags may not start with "!").
 ABORT = "!abort"
+#: The tag of one message carrying several flows' messages: ``[[flow_id, tag, value, label]...]``.
+BATCH = "!batch"
 #: Runs remembered as aborted (oldest forgotten first): a message may still be on its way.
 ABORTED_LIMIT = 4096
 
@@ -47,9 +50,35 @@ class FlowRouter:
         self._early_count = 0
         #: Runs a party gave up on: flow id -> the error their receives get.
         self._aborted: dict[int, SyftError] = {}
+        self.worker_id = worker_id
+        #: What this worker's flows sent each peer in this turn of the loop, not yet gone.
+        self._outbox: dict[Connection, list[list[Any]]] = {}
         self.log = get_logger(worker=worker_id)
 
+    def post(self, connection: Connection, flow_id: int, tag: str, value: Any, label: Any) -> None:
+        """Send a flow message to the peer behind ``connection`` at the end of this turn, with
+        everything else the worker's flows send it meanwhile: products issued together open in
+        one message per pair of parties, not one each."""
+        entries = self._outbox.get(connection)
+        if entries is None:
+            entries = self._outbox[connection] = []
+            asyncio.get_running_loop().call_soon(self._flush, connection)
+        entries.append([flow_id, tag, value, label])
+
+    def _flush(self, connection: Connection) -> None:
+        entries = self._outbox.pop(connection, [])
+        try:
+            if len(entries) == 1:
+                flow_id, tag, value, label = entries[0]
+                connection.tell(Flow(connection.next_id(), self.worker_id, flow_id, tag, value, label))
+            elif entries:
+                connection.tell(Flow(connection.next_id(), self.worker_id, 0, BATCH, entries, None))
+        except SyftError as exc:  # the link is gone: the flows waiting on that party hear of it
+            self.log.info("flow messages not sent", peer=connection.remote_id, error=str(exc))
+
     def deliver(self, sender: str, flow_id: int, tag: str, value: Any, label: Label) -> None:
+        if tag.startswith("!") and tag not in (ABORT,):
+            raise MalformedMessage(f"flow tag {tag!r} is reserved")
         if tag == ABORT:
             reason = value if isinstance(value, str) else "failed"
             self.abort(flow_id, FlowAborted(f"{sender}, a party of this run, {reason[:200]}"))

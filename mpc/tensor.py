@@ -198,9 +198,14 @@ class SharedTensor:
         return self._like([-share for share in self.shares], self._meta)
 
     def __sub__(self, other: Any) -> SharedTensor:
+        if isinstance(other, SharedTensor):
+            self._check_peer(other)  # refused before anything is sent
+        else:
+            self._public(other)
         return self + (-other)
 
     def __rsub__(self, other: Any) -> SharedTensor:
+        self._public(other)
         return (-self) + other
 
     def sum(self, dim: int | Sequence[int] | None = None, keepdim: bool = False) -> SharedTensor:
@@ -210,10 +215,10 @@ class SharedTensor:
 
     def mean(self, dim: int | Sequence[int] | None = None, keepdim: bool = False) -> SharedTensor:
         """The sum times the public ``1/n`` (fixed point: truncated like any product)."""
-        total = self.sum(dim, keepdim)
-        count = self.numel() // max(total.numel(), 1) if self.numel() else 1
         if self.precision is None:
             raise TypeError("the mean of integers is not an integer: fix the precision first")
+        total = self.sum(dim, keepdim)
+        count = self.numel() // max(total.numel(), 1) if self.numel() else 1
         return total * (1.0 / count)
 
     def reshape(self, *shape: Any) -> SharedTensor:

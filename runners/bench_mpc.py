@@ -60,7 +60,13 @@ async def _measure(
     before: Callable[[], int] = lambda: 0,
 ) -> dict[str, Any]:  # fmt: skip
     """``before``: the depth the operands already have (a model trained in earlier runs)."""
-    await _settle(issue())  # warm-up: connections between parties, allocator, caches
+    for _ in range(2):  # warm-up: links between parties, and each process's heap grown to size
+        await _settle(issue())
+        with mpc.recording() as asked:
+            await _settle(issue())
+        made = asked.prepare()
+        await asyncio.gather(*(share.resolve() for material in made for share in material))
+        await _settle(issue())
     totals, onlines = [], []
     depth, online_bytes, material_bytes = 0, 0, 0
     for _ in range(repeats):
