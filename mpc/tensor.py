@@ -406,6 +406,7 @@ class SharedTensor:
             _quietly(runs[provider])
         n = len(self.parties)
         online = n * (n - 1) * 8 * (self.numel() + other.numel() + (meta.numel() if trunc else 0))
+        online += (n - 1) * 8 * meta.numel() if trunc else 0  # the re-masks to party 0
         material_bytes = (16 * n + 8 * meta.numel()) * (2 if trunc else 1)
         cost = Cost(rounds=2 if trunc else 1, online_bytes=online, material_bytes=material_bytes)
         return self._like([runs[party] for party in self.parties], meta, cost, other)
@@ -432,9 +433,8 @@ class SharedTensor:
                 for i, party in enumerate(self.parties)
             },
         )
-        cost = Cost(
-            rounds=1, online_bytes=n * (n - 1) * 8 * self.numel(), material_bytes=16 * n + 8 * self.numel()
-        )
+        online = (n * (n - 1) + (n - 1)) * 8 * self.numel()  # openings, and the re-masks to party 0
+        cost = Cost(rounds=1, online_bytes=online, material_bytes=16 * n + 8 * self.numel())
         return self._like([runs[party] for party in self.parties], self._meta, cost)
 
 

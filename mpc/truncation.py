@@ -14,7 +14,9 @@ the scale of machine learning (normalized inputs, small weights), or use fewer f
   one more, with mean exactly ``x / 2^f`` (without the ``+ 1`` the two floors lose half a unit
   on average, and a sum of 32 truncated values drifts by 16 units: enough to steer training).
   Off by about ``2^(64 - f)`` instead with probability about ``|x| / 2^63`` (when ``x - r``
-  leaves the int64 range).
+  leaves the int64 range). The provider dealt the shares of ``r >> f``, so every party but the
+  first re-masks its result with fresh randomness it sends party 0 along with its opening (no
+  extra round): the provider knows no party's share of the result.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from actors.context import Context
 from actors.registry import command
 from mpc.opening import check_parties, check_ring, open_all
 from mpc.provider import COMMAND_SET, Material, take
-from mpc.ring import check_shift, truncate_share, truncate_share_
+from mpc.ring import check_shift, random_ring, truncate_share, truncate_share_
 from protocol import BadArguments
 
 
@@ -41,9 +43,14 @@ async def truncate(  # noqa: PLR0917 - one private caller per protocol
     r, shifted = take(material, "trunc", 2)
     if r.shape != z.shape or shifted.shape != z.shape:
         raise BadArguments(f"truncation material must be of shape {list(z.shape)}")
+    if index != 0:  # re-mask: the provider dealt this share of r >> f, so it would know ours
+        mask = random_ring(z.shape)
+        ctx.send(parties[0], "remask", mask)  # leaves with the opening, in the same message
     (masked,) = await open_all(ctx, parties, "x-r", [z - r])
     if index != 0:
-        return shifted
+        return shifted.sub_(mask)
+    for party in parties[1:]:
+        shifted.add_(check_ring("remask", await ctx.recv(party, "remask")))
     return shifted.add_(masked.bitwise_right_shift_(precision).add_(1))  # +1: unbiased (see above)
 
 
