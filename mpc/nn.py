@@ -12,7 +12,7 @@ pooling need comparisons, which this package does not offer.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
 from typing import Any
 
 import torch
@@ -69,17 +69,11 @@ class SharedModule:
         """Reconstruct a plaintext copy (where the parties' policy lets the shares come here)."""
         layers = []
         for layer, params in zip(self.layers, self.parameters, strict=True):
-            clone = _plain_copy(layer)
+            clone = copy.deepcopy(layer)
             for name, value in params.items():
                 getattr(clone, name).data.copy_(await value.get())
             layers.append(clone)
         return nn.Sequential(*layers)
-
-
-def _plain_copy(layer: nn.Module) -> nn.Module:
-    import copy  # noqa: PLC0415
-
-    return copy.deepcopy(layer)
 
 
 def _forward(layer: nn.Module, params: dict[str, SharedTensor], x: SharedTensor) -> SharedTensor:
@@ -127,7 +121,3 @@ def share_module(
             shared[name] = share(value, *parties, crypto_provider=crypto_provider, precision=precision)
         parameters.append(shared)
     return SharedModule([layer for _, layer in leaves], parameters)
-
-
-def shared_parameters(module: SharedModule) -> Sequence[SharedTensor]:
-    return [p for _, p in module.named_parameters()]

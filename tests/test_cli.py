@@ -305,3 +305,39 @@ def test_the_demo_sends_the_commands_it_says(commands_by_line, capsys) -> None:
     printed = re.search(r"^pipelined (\w+) operations: ", capsys.readouterr().out, re.MULTILINE)
     assert printed is not None
     assert NUMBER_WORDS[printed[1]] == claimed
+
+
+@needs_data
+def test_mpc_prints_encrypted_results_beside_a_plain_pytorch_run(capsys, tmp_path) -> None:
+    """``aiosyft mpc``: the plaintext row is what a plain PyTorch loop written here computes; the
+    encrypted inference and training land within 1% of it (the paper's claim)."""
+    figures_path = tmp_path / "mpc.json"
+    main(["mpc", "--dataset", "boston", "--epochs", "2", "--lr", "0.05", "--json", str(figures_path)])
+    rows = _markdown_rows(capsys.readouterr().out)
+    figures = json.loads(figures_path.read_text())
+    data = load("boston", seed=0)
+    torch.manual_seed(0)
+    import mpc  # noqa: PLC0415 - the activation the parties compute, in plain PyTorch
+
+    model = nn.Sequential(nn.Linear(13, 32), mpc.ApproxSigmoid(), nn.Linear(32, 24), mpc.ApproxSigmoid(),
+                          nn.Linear(24, 1))  # fmt: skip
+    with torch.no_grad():
+        model[4].bias.fill_(float(data.y_train.mean()))
+    for _ in range(2):
+        for i in range(0, len(data.x_train), 32):
+            model.zero_grad()
+            F.mse_loss(model(data.x_train[i : i + 32]), data.y_train[i : i + 32]).backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.sub_(0.05 * p.grad)
+    with torch.no_grad():
+        plain = float(F.mse_loss(model(data.x_test), data.y_test))
+    assert float(rows["plaintext training and inference"][0]) == pytest.approx(plain, abs=5e-4)
+    assert figures["plaintext"] == pytest.approx(plain, rel=1e-5)
+    for key, row in (("inference", "encrypted inference (plaintext-trained model)"),
+                     ("training", "encrypted training, then plaintext evaluation")):  # fmt: skip
+        assert figures[key] == pytest.approx(plain, rel=0.01)
+        assert float(rows[row][0]) == pytest.approx(figures[key], abs=5e-4)
+        change = 100 * (figures[key] - figures["plaintext"]) / figures["plaintext"]
+        assert rows[row][1] == f"{change:+.2f}%"
+    assert figures["inference_rounds"] == 9  # a round per Linear, three per sigmoid (its powers)
