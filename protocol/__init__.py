@@ -7,6 +7,7 @@ from protocol.codec import DEFAULT_MAX_FRAME, Codec, ObjRef, PointerRef, ref_ext
 from protocol.errors import (
     AuthenticationFailed,
     BadArguments,
+    BudgetExhausted,
     CommandNotAllowed,
     FlowAborted,
     FrameTooLarge,
@@ -79,6 +80,7 @@ __all__ = [
     "WireError",
     "WorkerLost",
     "FlowAborted",
+    "BudgetExhausted",
     "published_id",
     "ref_ext",
 ]

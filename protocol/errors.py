@@ -89,6 +89,11 @@ class WorkerLost(SyftError):
     address: str | None = None
 
 
+class BudgetExhausted(PermissionDenied):
+    """A data owner's privacy budget would be exceeded: the message names the budget, what was
+    spent, and what is left."""
+
+
 class FlowAborted(SyftError):
     """Another party of the same protocol run failed or left: this party's part cannot finish.
     The message names that party and its error's type."""
@@ -132,6 +137,7 @@ _SYFT_ERRORS: dict[str, type[SyftError]] = {
         WorkerLost,
         PointerNotResolved,
         FlowAborted,
+        BudgetExhausted,
     )
 }
 

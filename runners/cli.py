@@ -38,9 +38,9 @@ from runners.federated import SPLITS, Federation
 from runners.mpc_experiment import DEFAULTS as MPC_DEFAULTS
 from runners.mpc_experiment import format_mpc_result, mpc_command
 
-#: What ``aiosyft worker`` serves by default beside the torch allowlist: federated training and
-#: being a party to SPDZ. Being a crypto provider is asked for (``--enable provider``).
-DEFAULT_SETS = ("train", "mpc")
+#: What ``aiosyft worker`` serves by default beside the torch allowlist: federated training, DP-SGD
+#: steps and being a party to SPDZ. Being a crypto provider is asked for (``--enable provider``).
+DEFAULT_SETS = ("train", "mpc", "dp")
 #: What a command that fails while running reports in one line (exit status 1); anything else
 #: is a bug and keeps its traceback. Dataset errors are SyftErrors; TimeoutError is an OSError.
 FAILURES = (SyftError, OSError)

@@ -1,0 +1,60 @@
+"""The *sanitized* release: what a DP-SGD step computes from the data may leave, nothing else.
+
+``worker.publish("boston/x", x, releases=[Sanitized(epsilon=2.0, delta=1e-5)])`` declares that
+parameters changed by differentially private steps on the dataset (per-example clipping and
+Gaussian noise, :mod:`privacy.dp.sgd`) may leave the worker, each step charged to the owner's
+ledger (:mod:`privacy.dp.ledger`) before its result exists, until the budget ``(epsilon, delta)``
+is spent. Ordinary model updates, losses and everything else derived from the data stay raw and
+stay put. ``ledger`` is a file the owner keeps the ledger in, so that a restart forgets nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from actors.policy import Release, release_kind
+
+#: Form of what a DP-SGD step computed from the data: noisy, clipped, charged to a budget.
+SANITIZED = "sanitized"
+
+
+@release_kind
+class Sanitized(Release):
+    """Values computed from the data by a sanitizer (DP-SGD) may leave, within the budget."""
+
+    kind = "sanitized"
+    forms = frozenset({SANITIZED})
+
+    def __init__(
+        self,
+        to: Iterable[str] | None = None,
+        *,
+        epsilon: float = 1.0,
+        delta: float = 1e-5,
+        ledger: str | Path | None = None,
+    ) -> None:
+        super().__init__(to)
+        if not epsilon > 0 or not 0 < delta < 1:
+            raise ValueError(f"a budget is epsilon > 0 and 0 < delta < 1, got ({epsilon}, {delta})")
+        self.epsilon = float(epsilon)
+        self.delta = float(delta)
+        self.ledger = Path(ledger) if ledger is not None else None
+
+    def __repr__(self) -> str:
+        return f"Sanitized(epsilon={self.epsilon:g}, delta={self.delta:g}, to={self.to or 'anyone'})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sanitized) and (other.to, other.epsilon, other.delta, other.ledger) == (
+            self.to,
+            self.epsilon,
+            self.delta,
+            self.ledger,
+        )
+
+    def __hash__(self) -> int:
+        return hash((Sanitized, *_key(self)))
+
+
+def _key(release: Sanitized) -> tuple[object, ...]:
+    return (release.to, release.epsilon, release.delta, release.ledger)
