@@ -166,3 +166,48 @@ def _gradient_of(bob: Any, px: Any, py: Any) -> Any:
     w = actors.send(torch.zeros(5, 1, requires_grad=True), bob)
     F.mse_loss(px @ w, py).backward()
     return w.grad
+
+
+@pytest.mark.parametrize("keep_going", [False, True])
+@bounded(60)
+async def test_the_paper_s_sampling_charges_each_owner_the_lots_it_served(keep_going: bool) -> None:
+    """The leader picks a worker per step (its seeded, public choice); each owner's ledger holds
+    exactly the lots it served, at its own rate; over budget an owner refuses, and training
+    stops there or goes on with the others."""
+    import random  # noqa: PLC0415
+
+    from privacy.dp import DpSettings, train_dp  # noqa: PLC0415
+    from privacy.federated import FederatedDataset, make_model, publish_shard  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    sizes = {"bob": 40, "alice": 80}
+    workers = [actors.VirtualWorker(name) for name in sizes]
+    try:
+        for worker in workers:
+            x, y = torch.randn(sizes[worker.id], 5), torch.randn(sizes[worker.id], 1)
+            budget = 3.0 if worker.id == "bob" else 1e3  # bob's runs out first
+            publish_shard(worker.worker, "d", x, y, releases=[Sanitized(epsilon=budget)])
+        dataset = await FederatedDataset.from_workers(workers, "d")
+        settings = DpSettings(lot=4, clip=1.0, sigma=1.0, lr=0.01, steps=120, seed=7)
+        model = make_model(5, (8,))
+        if not keep_going:
+            with pytest.raises(BudgetExhausted, match="bob/d"):
+                await train_dp(model, dataset, settings, keep_going=False, burst=8)
+            return
+        history = await train_dp(model, dataset, settings, keep_going=True, burst=8)
+        ledgers = {w.id: w.worker.state["dp.ledgers"][f"{w.id}/d"] for w in workers}
+        bob_lots = ledgers["bob"].lots[Plan(4 / 40, 1.0)]
+        assert (
+            _library_epsilon([(0.1, 1.0, bob_lots)], 1e-5)
+            <= 3.0
+            < _library_epsilon([(0.1, 1.0, bob_lots + 1)], 1e-5)
+        )
+        assert history.refused == ["bob"]
+        alice_lots = ledgers["alice"].lots[Plan(4 / 80, 1.0)]
+        assert bob_lots + alice_lots == history.steps_done == 120  # every step served by someone
+        chooser = random.Random(7)
+        first = [chooser.choice(["bob", "alice"]) for _ in range(8)]  # the first burst is the seed's
+        assert ledgers["alice"].lots and first.count("bob") <= bob_lots
+    finally:
+        for worker in workers:
+            await worker.close()
