@@ -51,6 +51,17 @@ def test_clipped_per_example_gradients_equal_a_per_example_loop(rows: int, clip:
     assert torch.allclose(ghost, expected, atol=1e-5 * max(1.0, float(expected.abs().max())), rtol=1e-4)
 
 
+@pytest.mark.parametrize("activation", [nn.Tanh, nn.ELU])  # by hand, and by autograd
+def test_other_activations_clip_exactly_too(activation: type[nn.Module]) -> None:
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 6), activation(), nn.Linear(6, 2))
+    x, y = torch.randn(9, 5), torch.randn(9, 2)
+    ghost = GhostModel(model)
+    assert ghost.manual == (activation is nn.Tanh)
+    summed = ghost.clipped_sum(flat_parameters(model), x, y, "mse", 0.2)
+    assert torch.allclose(summed, _per_example_loop(model, x, y, 0.2), atol=1e-6)
+
+
 def test_each_example_s_contribution_is_at_most_the_clip() -> None:
     model = _mlp()
     x, y = torch.randn(1, 5) * 100, torch.randn(1, 1) * 100
