@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 from typing import TYPE_CHECKING, Any
 
 from actors.log import get_logger
@@ -108,7 +109,7 @@ class FlowRouter:
             return future
         aborted = self._aborted.get(flow_id)
         if aborted is not None:
-            future.set_exception(aborted)
+            future.set_exception(copy.copy(aborted))  # a copy each: raising one would keep its raisers
             return future
         if key in self._waiting:
             raise RuntimeError(f"flow {flow_id:#x} already waits for {tag!r} from {party}")
@@ -124,7 +125,7 @@ class FlowRouter:
         for key in [k for k in self._waiting if k[0] == flow_id]:
             waiter = self._waiting.pop(key)
             if not waiter.done():
-                waiter.set_exception(error)
+                waiter.set_exception(copy.copy(error))
 
     def party_lost(self, party: str, error: SyftError) -> None:
         """``party`` left (its last link closed): every run waiting on it fails now."""
