@@ -28,6 +28,7 @@ from actors.registry import command_sets
 from actors.worker import GRACE
 from protocol import SyftError
 from runners.bench import bench_pointers, bench_transport, format_pointers, format_transport, write_json
+from runners.bench_dp import bench_dp, format_dp
 from runners.bench_mpc import bench_mpc, format_mpc, plot_mpc
 from runners.cluster import FAILED, LEADER, REPORT_ENV, SPIN, is_loopback, launch, run_worker
 from runners.datasets import DATA_ENV, SOURCES
@@ -154,6 +155,10 @@ def _parser() -> argparse.ArgumentParser:
     transport = suites.add_parser("transport", help="WebSocket and TCP workers beside the raw transports")
     transport.add_argument("--json", type=Path, help="also write the figures to this file")
     transport.add_argument("--repeats", type=POSITIVE, default=5, help="timed runs; the median is reported")
+    dp = suites.add_parser("dp", help="DP-SGD on the Boston MLP beside non-private plain PyTorch")
+    dp.add_argument("--json", type=Path, help="also write the figures to this file")
+    dp.add_argument("--repeats", type=POSITIVE, default=5, help="timed runs; the median is reported")
+    _data_dir_option(dp)
     spdz = suites.add_parser("mpc", help="SPDZ operations between worker processes, beside plain PyTorch")
     spdz.add_argument("--json", type=Path, help="also write the figures to this file")
     spdz.add_argument(
@@ -329,6 +334,11 @@ def _run(args: argparse.Namespace) -> None:
         results = asyncio.run(bench_transport(args.repeats))
         print(format_transport(results))
         write_json(results, args.json)
+    elif args.command == "bench" and args.suite == "dp":
+        use_data_dir(args.data_dir)
+        figures = asyncio.run(bench_dp(args.repeats))
+        print(format_dp(figures))
+        write_json(figures, args.json)
     elif args.command == "bench" and args.suite == "mpc":
         figures = asyncio.run(bench_mpc(args.repeats, args.transport))
         print(format_mpc(figures))

@@ -209,16 +209,18 @@ def test_table1_rows_chart_and_identical_models(tmp_path, capsys) -> None:
     rows = {row["mode"]: row for row in result["rows"]}
     assert list(rows) == ["pytorch", "virtual", "websocket", "tcp", "virtual+dp"]
     assert rows["pytorch"]["ratio"] == 1.0
-    for row in result["rows"][:-1]:  # each mode beside the reference runs taken alongside it
+    for row in result["rows"]:  # each mode beside the reference runs taken alongside it
         assert row["ratio"] == row["seconds"] / row["reference_seconds"]
-    alongside = sorted(rows[mode]["reference_seconds"] for mode in ("virtual", "websocket", "tcp"))
-    assert rows["pytorch"]["seconds"] == alongside[1]  # one run each: the median of the three
+    alongside = sorted(
+        rows[mode]["reference_seconds"] for mode in ("virtual", "websocket", "tcp", "virtual+dp")
+    )
+    assert rows["pytorch"]["seconds"] == (alongside[1] + alongside[2]) / 2  # one run each: their median
     # every mode computes exactly what pure PyTorch computes: 10 epochs of the walk, written out here
     model, _ = _plain_walk(data := load("boston"), epochs=10)
     mse = float(F.mse_loss(_test_output(model, data), data.y_test))
     assert rows["virtual"]["test_mse"] == rows["websocket"]["test_mse"] == rows["tcp"]["test_mse"]
     assert rows["virtual"]["test_mse"] == rows["pytorch"]["test_mse"] == mse < 23.7
-    assert [rows["virtual+dp"][key] for key in ("seconds", "ratio", "test_mse")] == [None, None, None]
+    assert rows["virtual+dp"]["test_mse"] > mse  # DP-SGD, noise 1 and clip 4 on lots of 8: it costs utility
 
     printed = _markdown_rows(out)
     assert list(printed) == list(rows)

@@ -14,6 +14,7 @@ import asyncio
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -74,7 +75,7 @@ async def train_dp(
         for shard, hop in zip(picks, hops, strict=True):
             flat.move(shard.worker, announced=hop)
             steps.append((shard, call(shard.worker, "dp.sgd_step", [key, flat, shard.x, shard.y], options)))
-        outcomes = await asyncio.gather(*(step.resolve() for _, step in steps), return_exceptions=True)
+        outcomes = await _outcomes(steps)
         for (shard, _), outcome in zip(steps, outcomes, strict=True):
             if isinstance(outcome, BudgetExhausted):
                 if not keep_going:
@@ -91,3 +92,21 @@ async def train_dp(
             progress(done)
     load_flat(model, await flat.get())
     return history
+
+
+async def _outcomes(steps: list[tuple[Any, actors.PointerTensor]]) -> list[BaseException | None]:
+    """Each step's failure, or ``None``, asking each worker once: a worker answers in order,
+    so once its last step of the burst has answered, the reports of the earlier ones are in."""
+    last: dict[actors.RemoteWorker, actors.PointerTensor] = {}
+    for _, step in steps:
+        last[step.location] = step
+    answers = await asyncio.gather(*(step.resolve() for step in last.values()), return_exceptions=True)
+    finals = {step.location: answer for step, answer in zip(last.values(), answers, strict=True)}
+    outcomes: list[BaseException | None] = []
+    for _, step in steps:
+        if step is last[step.location]:
+            answer = finals[step.location]
+            outcomes.append(answer if isinstance(answer, BaseException) else None)
+        else:
+            outcomes.append(step.location.connection.take_failure(step.id))
+    return outcomes
