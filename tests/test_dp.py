@@ -21,7 +21,7 @@ import actors
 from actors.pointer import call
 from privacy.dp import GhostModel, Ledger, Plan, Sanitized, calibrate_sigma
 from privacy.federated import flat_parameters, spec_key
-from protocol import BudgetExhausted, PermissionDenied
+from protocol import BadArguments, BudgetExhausted, PermissionDenied
 from protocol.modules import module_spec
 from tests.conftest import bounded, worker_in_hand
 
@@ -222,3 +222,25 @@ async def test_the_paper_s_sampling_charges_each_owner_the_lots_it_served(keep_g
     finally:
         for worker in workers:
             await worker.close()
+
+
+@pytest.mark.parametrize("transport", ["virtual"])
+@bounded(20)
+async def test_a_leader_cannot_feed_dp_sgd_rows_mixed_from_many_records(transport: str) -> None:
+    """Clipping bounds one record's influence only if one record is one row: DP-SGD on a tensor
+    derived from the data (each row the mean of all records) is refused, and nothing is charged."""
+    model = _mlp()
+    key = spec_key(module_spec(model))
+    async with worker_in_hand(transport, "bob") as (bob, actor):
+        actor.publish("dp/x", torch.randn(20, 5), releases=[Sanitized(epsilon=10.0)])
+        actor.publish("dp/y", torch.randn(20, 1), releases=[Sanitized(epsilon=10.0)])
+        px, py = bob.published("dp/x"), bob.published("dp/y")
+        options = {"lot": 5.0, "clip": 1.0, "sigma": 1.0, "lr": 0.1}
+        for x in (px.mean(0, keepdim=True).expand(20, 5), px * 1.0):
+            flat = actors.send(flat_parameters(model), bob)
+            with pytest.raises(BadArguments, match="published data itself"):
+                await call(bob, "dp.sgd_step", [key, flat, x, py], options).resolve()
+            assert torch.equal(await flat.get(), flat_parameters(model))  # untouched
+        assert "dp.ledgers" not in actor.state or not actor.state["dp.ledgers"]["bob/dp"].lots
+        actor.store.drop(px.id)
+        actor.store.drop(py.id)

@@ -201,6 +201,20 @@ def _charge(ctx: Context, plan: Plan) -> None:
             ledger_for(ctx, taint.source, release).charge(plan)
 
 
+def _check_rows(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> None:
+    """The lot must come from data this worker published as it is: one record per row is what
+    the clipping bounds. A tensor the leader derived (``x.mean(0).expand(n, d)``, rows mixed
+    with rows) would let one record move every row, and the noise would not cover it."""
+    worker = ctx.me
+    owners, objects = ctx.store.owners, ctx.store.objects
+    published = [objects[i] for i, owner in owners.items() if owner == worker]
+    if not any(x is value for value in published) or not any(y is value for value in published):
+        raise BadArguments(
+            "dp.sgd_step takes the worker's published data itself (x and y as published), "
+            "not a tensor derived from it: the privacy analysis bounds one record per row"
+        )
+
+
 @command(
     "dp.sgd_step",
     command_set=COMMAND_SET,
@@ -231,6 +245,7 @@ def dp_sgd_step(
         raise BadArguments("x and y must be tensors with the same positive number of rows")
     if not (0 < lot <= len(x)) or not clip > 0 or not sigma >= 0 or not lr > 0:
         raise BadArguments(f"need 0 < lot <= {len(x)}, clip > 0, sigma >= 0, lr > 0")
+    _check_rows(ctx, x, y)
     _charge(ctx, Plan(lot / len(x), sigma))
     generator = _generator(ctx)
     chosen = torch.rand(len(x), generator=generator) < lot / len(x)
