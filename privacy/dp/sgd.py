@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from actors.context import Context
-from actors.policy import RAW, Taint
+from actors.policy import RAW
 from actors.registry import Declassify, command
 from privacy.dp.ledger import Ledger, Plan
 from privacy.dp.release import SANITIZED, Sanitized
@@ -259,4 +259,4 @@ def dp_sgd_step(
     flat.sub_((summed + noise) * (lr / lot))
 
 
-__all__ = ["COMMAND_SET", "GhostModel", "Taint", "dp_sgd_step"]
+__all__ = ["COMMAND_SET", "GhostModel", "dp_sgd_step"]
