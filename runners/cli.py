@@ -21,11 +21,12 @@ from typing import Any, NoReturn
 
 import mpc  # noqa: F401 - registers the mpc and provider command sets
 import privacy  # noqa: F401 - registers the federated command set
-from actors import log
+from actors import ModelUpdates, Release, log
 from actors.identity import CLUSTER_SECRET_ENV, CREDENTIALS_ENV, Credentials, from_environment
 from actors.net import TRANSPORTS
 from actors.registry import command_sets
 from actors.worker import GRACE
+from privacy.dp import Sanitized
 from protocol import SyftError
 from runners.bench import bench_pointers, bench_transport, format_pointers, format_transport, write_json
 from runners.bench_dp import bench_dp, format_dp
@@ -48,7 +49,10 @@ FAILURES = (SyftError, OSError)
 #: FedAvg's rounds when ``--rounds`` is not given.
 DEFAULT_ROUNDS = 10
 #: ``aiosyft worker`` options that only mean something with ``--dataset``, and their defaults.
-SHARD_OPTIONS = {"shard": "0/1", "split": "round-robin", "split_seed": 0, "batch_size": 8}
+SHARD_OPTIONS = {"shard": "0/1", "split": "round-robin", "split_seed": 0, "batch_size": 8,
+                 "release": "model_updates"}  # fmt: skip
+#: What the owner of a shard lets leave (``aiosyft worker --release``).
+RELEASES = ("model_updates", "sanitized")
 
 
 Commands = argparse._SubParsersAction  # what add_subparsers returns
@@ -203,6 +207,14 @@ def _worker_parser(commands: Commands) -> None:
     worker.add_argument("--split", choices=SPLITS, help="how the dataset is split (default round-robin)")
     worker.add_argument("--split-seed", type=int, help="seed of the split (default 0)")
     worker.add_argument("--batch-size", type=POSITIVE, help="batch size of a round-robin split (default 8)")
+    worker.add_argument(
+        "--release", choices=RELEASES,
+        help="what may leave of the shard: model updates (default), or only DP-SGD steps within a budget",
+    )  # fmt: skip
+    # These three only apply with --release sanitized.
+    worker.add_argument("--epsilon", type=POSITIVE_FLOAT, help="the shard's privacy budget (default 1)")
+    worker.add_argument("--delta", type=POSITIVE_FLOAT, help="the budget's delta (default 1e-5)")
+    worker.add_argument("--ledger", help="file the privacy ledger is kept in, to survive a restart")
     _data_dir_option(worker)
 
 
@@ -270,6 +282,11 @@ def _check_worker(args: argparse.Namespace, refuse: Callable[[str], NoReturn]) -
     shard, slash, count = args.shard.partition("/")
     if not (shard.isdigit() and count.isdigit() and slash and int(shard) < int(count)):
         refuse(f"--shard {args.shard!r}: expected K/N with 0 <= K < N")
+    budget = [f"--{name}" for name in ("epsilon", "delta", "ledger") if getattr(args, name) is not None]
+    if budget and args.release != "sanitized":
+        refuse(f"{', '.join(budget)} only appl{'ies' if len(budget) == 1 else 'y'} with --release sanitized")
+    if args.delta is not None and not args.delta < 1:
+        refuse(f"--delta {args.delta}: expected a number below 1")
     if args.credentials is None:
         try:  # the environment's, as run_worker would read them
             args.credentials = from_environment()[0]
@@ -281,6 +298,13 @@ def _check_worker(args: argparse.Namespace, refuse: Callable[[str], NoReturn]) -
             f"may claim any identity: give --credentials (or ${CREDENTIALS_ENV} or ${CLUSTER_SECRET_ENV}), "
             "or --insecure"
         )
+
+
+def _worker_releases(args: argparse.Namespace) -> tuple[Release, ...]:
+    """What the worker's shard lets leave: model updates, or DP-SGD steps within a budget."""
+    if args.release != "sanitized":
+        return (ModelUpdates(),)
+    return (Sanitized(epsilon=args.epsilon or 1.0, delta=args.delta or 1e-5, ledger=args.ledger),)
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -301,6 +325,7 @@ def _run(args: argparse.Namespace) -> None:
                 credentials=args.credentials,
                 threads=args.threads,
                 data=data,
+                releases=_worker_releases(args),
                 spin=args.spin_us / 1e6,
                 enable=args.sets,
                 grace=args.grace,

@@ -123,6 +123,7 @@ async def run_worker(
     secret: str | None = None,
     threads: int = 1,
     data: tuple[Federation, int, str | None] | None = None,
+    releases: tuple[actors.Release, ...] = (actors.ModelUpdates(),),
     spin: float = SPIN,
     enable: Iterable[str] | None = None,
     grace: float = GRACE,
@@ -133,7 +134,8 @@ async def run_worker(
     Credentials and the worker's own secret default to what the environment holds (a
     launcher's children); with none, any peer may claim any identity (a warning says so).
     With ``data`` = (federation, shard, data directory) the worker first loads the dataset and
-    publishes its shard as its own data, releasing model updates. ``spin``: see
+    publishes its shard as its own data, releasing ``releases`` (model updates by default; a
+    sanitized release keeps its ledger where it says, across restarts). ``spin``: see
     :meth:`actors.Worker.note_waiting`; ``enable``: the command sets it serves; ``grace``: how
     long a departed identity's objects are kept for it.
     """
@@ -147,7 +149,7 @@ async def run_worker(
     if data is not None:
         federation, shard, directory = data
         x, y = federation.shards(load(federation.dataset, directory, seed=federation.seed))[shard]
-        publish_shard(worker, federation.dataset, x, y)
+        publish_shard(worker, federation.dataset, x, y, releases)
     server = await actors.serve(worker, transport, host, port)
     log = get_logger(worker=worker_id)
     if credentials is None:

@@ -5,6 +5,7 @@ receives anything unsanitized from a DP-protected dataset (on every transport)."
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -244,3 +245,59 @@ async def test_a_leader_cannot_feed_dp_sgd_rows_mixed_from_many_records(transpor
         assert "dp.ledgers" not in actor.state or not actor.state["dp.ledgers"]["bob/dp"].lots
         actor.store.drop(px.id)
         actor.store.drop(py.id)
+
+
+@bounded(120)
+@pytest.mark.skipif(not (Path(__file__).resolve().parent.parent.parent / "shared" / "datasets").exists()
+                    and "AIOSYFT_DATA" not in os.environ, reason="needs the datasets")  # fmt: skip
+async def test_a_worker_process_keeps_its_ledger_across_a_restart(tmp_path: Path) -> None:
+    """``aiosyft worker --release sanitized --ledger F``: lots served before a restart still count
+    after it, and the budget refuses exactly when the library says it is spent."""
+    import asyncio  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    from runners.datasets import data_dir, load  # noqa: PLC0415
+    from runners.federated import Federation  # noqa: PLC0415
+    from tests.conftest import CLUSTER, secret_of  # noqa: PLC0415
+
+    root = Path(__file__).resolve().parent.parent
+    directory = str(data_dir(None))
+    ledger = tmp_path / "bob.ledger"
+    argv = [sys.executable, "-m", "runners.cli", "worker", "--id", "bob", "--transport", "tcp", "--port", "0",
+            "--dataset", "boston", "--shard", "0/2", "--release", "sanitized", "--epsilon", "3",
+            "--ledger", str(ledger), "--data-dir", directory]  # fmt: skip
+    env = {**os.environ, "AIOSYFT_CLUSTER_SECRET": CLUSTER}
+    rows = len(Federation("boston", 2).shards(load("boston", directory))[0][0])
+    fits = Ledger("bob/boston", 3.0, 1e-5).remaining(Plan(40 / rows, 1.5))  # about ten lots
+    model = nn.Sequential(nn.Linear(13, 4), nn.ReLU(), nn.Linear(4, 1))
+    key, flat0 = spec_key(module_spec(model)), flat_parameters(model)
+    assert fits > 3
+    options = {"lot": 40.0, "clip": 1.0, "sigma": 1.5, "lr": 0.01}
+
+    async def session(steps: int | None) -> int:
+        process = await asyncio.create_subprocess_exec(
+            *argv, cwd=root, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE
+        )
+        try:
+            assert process.stdout is not None
+            address = (await process.stdout.readline()).decode().split()[1]
+            bob = await actors.connect(address, identity="me", secret=secret_of("me"))
+            served = 0
+            try:
+                flat = actors.send(flat0.clone(), bob)
+                x, y = bob.published("boston/x"), bob.published("boston/y")
+                while steps is None or served < steps:
+                    try:
+                        await call(bob, "dp.sgd_step", [key, flat, x, y], options).resolve()
+                    except BudgetExhausted:
+                        break
+                    served += 1
+            finally:
+                await bob.close()
+            return served
+        finally:
+            process.terminate()
+            await process.wait()
+
+    assert await session(3) == 3
+    assert await session(None) == fits - 3  # the restart forgot nothing
