@@ -64,6 +64,7 @@ def _fails(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, st
 
 
 # -- bad arguments: status 2 ---------------------------------------------------------------------
+WORKER_DELTA, WORKER_EPS = ("aiosyft worker", "--delta"), ("aiosyft worker", "--epsilon")
 BAD_VALUES = [
     (["train", "--epochs", "0"], "aiosyft train", "--epochs"),
     (["train", "--epochs", "-2"], "aiosyft train", "--epochs"),
@@ -85,6 +86,10 @@ BAD_VALUES = [
     (["worker", "--id", "a", "--dataset", "boston", "--batch-size", "0"], "aiosyft worker", "--batch-size"),
     (["worker", "--id", "a", "--dataset", "boston", "--shard", "2/2"], "aiosyft worker", "--shard"),
     (["worker", "--id", "a", "--dataset", "boston", "--shard", "x"], "aiosyft worker", "--shard"),
+    (["worker", "--id", "a", "--dataset", "boston", "--epsilon", "1"], "aiosyft worker", "--epsilon"),
+    (["worker", "--id", "a", "--release", "sanitized"], "aiosyft worker", "--release"),
+    (["worker", "--id", "a", "--dataset", "boston", "--release", "sanitized", "--delta", "2"], *WORKER_DELTA),
+    (["worker", "--id", "a", "--dataset", "boston", "--release", "sanitized", "--epsilon", "0"], *WORKER_EPS),
     (["worker", "--id", "a", "--enable", "nonsense"], "aiosyft worker", "--enable"),
     (["worker", "--id", "a", "--credentials", "/nonexistent/credentials"], "aiosyft worker", "--credentials"),
     (["worker"], "aiosyft worker", "--id"),
