@@ -32,6 +32,7 @@ from actors.hook import provide
 from actors.pointer import ObjectPointer, PointerTensor, call
 from actors.registry import command
 from mpc.nn import SharedModule, share_module
+from mpc.opening import check_ring
 from mpc.ring import PRECISION, check_precision, decode, encode
 from mpc.tensor import SharedTensor, share
 from protocol.errors import BadArguments
@@ -55,14 +56,6 @@ def _checked_precision(precision: Any, name: str) -> int:
         raise BadArguments(f"{name}: {exc}") from None
 
 
-def _checked_ring(value: Any, name: str) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise BadArguments(f"{name}: expected an int64 tensor, got {type(value).__name__}")
-    if value.dtype != torch.int64:
-        raise BadArguments(f"{name}: expected an int64 (ring) tensor, got {value.dtype}")
-    return value
-
-
 @command("mpc.encode", command_set=COMMAND_SET, context=False)
 def encode_command(value: Any, precision: Any) -> torch.Tensor:
     """Encode on the worker, so that fixing a remote tensor's precision never moves its data."""
@@ -80,7 +73,7 @@ def encode_command(value: Any, precision: Any) -> torch.Tensor:
 def decode_command(value: Any, precision: Any, dtype: Any = torch.float32) -> torch.Tensor:
     """Decode on the worker: ``float_precision()`` of a remote value stays on the worker."""
     precision = _checked_precision(precision, "mpc.decode")
-    _checked_ring(value, "mpc.decode")
+    check_ring("mpc.decode", value)
     if dtype not in FLOAT_DTYPES:
         raise BadArguments(f"mpc.decode: dtype must be a float type, got {dtype!r}")
     return decode(value, precision, dtype)
@@ -94,14 +87,14 @@ def truncate_command(value: Any, precision: Any) -> torch.Tensor:
     decoded result is rounded toward minus infinity (off by less than ``2^-precision``).
     Only for plaintext values: a share needs :func:`mpc.ring.truncate_share` or a protocol."""
     precision = _checked_precision(precision, "mpc.truncate")
-    return _checked_ring(value, "mpc.truncate") >> precision
+    return check_ring("mpc.truncate", value) >> precision
 
 
 @command("mpc.mean", command_set=COMMAND_SET, context=False)
 def mean_command(value: Any, dim: Any = None, keepdim: Any = False) -> torch.Tensor:
     """Mean of a plaintext ring tensor: the wrapping sum, then an exact floor division by the
     count. Computed where the value is, since only there is its shape sure to be known."""
-    value = _checked_ring(value, "mpc.mean")
+    value = check_ring("mpc.mean", value)
     if not isinstance(keepdim, bool):
         raise BadArguments(f"mpc.mean: keepdim must be a bool, got {type(keepdim).__name__}")
     if dim is None:

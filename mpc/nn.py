@@ -39,15 +39,17 @@ class ApproxSigmoid(nn.Module):
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.AvgPool2d, nn.Flatten, nn.Sigmoid, ApproxSigmoid, nn.Sequential)
 
 
-def _layers(model: nn.Module) -> list[nn.Module]:
+def _leaves(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """The layers of ``model`` with their ``named_parameters`` prefixes, nested Sequentials
+    flattened; a layer without a protocol is refused by name."""
     if isinstance(model, nn.Sequential):
-        return [leaf for child in model for leaf in _layers(child)]
+        return [leaf for name, child in model.named_children() for leaf in _leaves(child, f"{prefix}{name}.")]
     if not isinstance(model, SUPPORTED):
         raise TypeError(
             f"{type(model).__name__} has no protocol here: encrypted models are built of "
             f"{', '.join(t.__name__ for t in SUPPORTED)}"
         )
-    return [model]
+    return [(prefix, model)]
 
 
 class SharedModule:
@@ -92,13 +94,6 @@ def _forward(layer: nn.Module, params: dict[str, SharedTensor], x: SharedTensor)
 
         return sigmoid(x, layer.degree)
     return x.sigmoid()
-
-
-def _leaves(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
-    if isinstance(model, nn.Sequential):
-        return [leaf for name, child in model.named_children() for leaf in _leaves(child, f"{prefix}{name}.")]
-    _layers(model)  # refuses what has no protocol
-    return [(prefix, model)]
 
 
 def share_module(

@@ -29,10 +29,10 @@ def check_parties(ctx: Context, parties: Any) -> int:
 
 
 def check_ring(name: str, value: Any) -> torch.Tensor:
+    """``value`` if it is an int64 (ring) tensor; else ``BadArguments`` naming ``name``."""
     if not isinstance(value, torch.Tensor) or value.dtype != torch.int64:
-        raise BadArguments(
-            f"{name} must be an int64 share, got {getattr(value, 'dtype', type(value).__name__)}"
-        )
+        kind = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+        raise BadArguments(f"{name}: expected an int64 (ring) tensor, got {kind}")
     return value
 
 

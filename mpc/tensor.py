@@ -21,7 +21,7 @@ import contextvars
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -64,14 +64,21 @@ class Meter:
 _METERS: contextvars.ContextVar[tuple[Meter, ...]] = contextvars.ContextVar("mpc_meters", default=())
 
 
+_T = TypeVar("_T")
+
+
 @contextlib.contextmanager
-def meter() -> Iterator[Meter]:
-    measured = Meter()
-    token = _METERS.set((*_METERS.get(), measured))
+def _scoped(stack: contextvars.ContextVar[tuple[_T, ...]], item: _T) -> Iterator[_T]:
+    """``item`` joins ``stack`` for the block (meters and recordings nest)."""
+    token = stack.set((*stack.get(), item))
     try:
-        yield measured
+        yield item
     finally:
-        _METERS.reset(token)
+        stack.reset(token)
+
+
+def meter() -> contextlib.AbstractContextManager[Meter]:
+    return _scoped(_METERS, Meter())
 
 
 class SharedTensor:
@@ -162,9 +169,7 @@ class SharedTensor:
             raise ValueError(f"{self!r} and {other!r} are shared over different parties: reshare one of them")
         if other.precision != self.precision:
             raise ValueError(f"precisions differ: {self.precision} and {other.precision} fractional bits")
-        if (other.provider is None) != (self.provider is None) or (
-            other.provider is not None and self.provider is not None and other.provider.id != self.provider.id
-        ):
+        if getattr(other.provider, "id", None) != getattr(self.provider, "id", None):
             raise ValueError("the two tensors name different crypto providers")
 
     def _public(self, value: Any) -> torch.Tensor:
@@ -354,7 +359,9 @@ class SharedTensor:
     def _material(self, kind: str, shapes: list[list[int]], options: dict[str, Any]) -> list[PointerTensor]:
         """One operation's material: made ahead (:func:`prepare`) or asked for now."""
         prepared = self._prepared(kind, shapes, options)
-        return prepared if prepared is not None else self._new_material(kind, shapes, options)
+        if prepared is not None:
+            return prepared
+        return _new_material(self._provider(), self.parties, kind, shapes, options)
 
     def _prepared(
         self, kind: str, shapes: list[list[int]], options: dict[str, Any]
@@ -370,11 +377,6 @@ class SharedTensor:
         if not ready:
             del _PREPARED[key]
         return material
-
-    def _new_material(
-        self, kind: str, shapes: list[list[int]], options: dict[str, Any]
-    ) -> list[PointerTensor]:
-        return _new_material(self._provider(), self.parties, kind, shapes, options)
 
     def _trunc_material(self, shape: Sequence[int], bits: int | None = None) -> list[PointerTensor] | None:
         if self.precision is None or len(self.parties) == 2:
@@ -502,6 +504,14 @@ def _quietly(pointer: PointerTensor) -> None:
 _PREPARED: dict[tuple[Any, ...], collections.deque[list[PointerTensor]]] = {}
 
 
+def _make_ahead(key: tuple[Any, ...]) -> list[PointerTensor]:
+    """Ask for the material ``key`` describes now, for the next operation that needs it."""
+    provider, parties, kind, shapes, options = key
+    material = _new_material(provider, parties, kind, [list(s) for s in shapes], dict(options))
+    _PREPARED.setdefault(key, collections.deque()).append(material)
+    return material
+
+
 def _material_key(
     provider: actors.RemoteWorker, parties: Sequence[actors.RemoteWorker], kind: str, shapes: list[list[int]],
     options: dict[str, Any],
@@ -517,13 +527,7 @@ class Recording:
 
     def prepare(self) -> list[list[PointerTensor]]:
         """Ask for all of it now; returns the material, for whoever wants to await it."""
-        made = []
-        for key in self.keys:
-            provider, parties, kind, shapes, options = key
-            material = _new_material(provider, parties, kind, [list(s) for s in shapes], dict(options))
-            _PREPARED.setdefault(key, collections.deque()).append(material)
-            made.append(material)
-        return made
+        return [_make_ahead(key) for key in self.keys]
 
 
 _RECORDINGS: contextvars.ContextVar[tuple[Recording, ...]] = contextvars.ContextVar(
@@ -531,15 +535,9 @@ _RECORDINGS: contextvars.ContextVar[tuple[Recording, ...]] = contextvars.Context
 )
 
 
-@contextlib.contextmanager
-def recording() -> Iterator[Recording]:
+def recording() -> contextlib.AbstractContextManager[Recording]:
     """Record the material the operations issued inside ask for (``with mpc.recording() as r``)."""
-    recorded = Recording()
-    token = _RECORDINGS.set((*_RECORDINGS.get(), recorded))
-    try:
-        yield recorded
-    finally:
-        _RECORDINGS.reset(token)
+    return _scoped(_RECORDINGS, Recording())
 
 
 def prepare(op: str, x: SharedTensor, y: SharedTensor | Sequence[int] | None = None, count: int = 1) -> None:
@@ -555,9 +553,8 @@ def prepare(op: str, x: SharedTensor, y: SharedTensor | Sequence[int] | None = N
             raise ValueError(f"prepare({op!r}) needs the other operand or its shape")
         shapes, options = [list(x.shape), list(other)], {}
     key = _material_key(x._provider(), x.parties, op, shapes, options)
-    queue = _PREPARED.setdefault(key, collections.deque())
     for _ in range(count):
-        queue.append(x._new_material(op, shapes, options))
+        _make_ahead(key)
 
 
 def share(
@@ -607,6 +604,8 @@ def _share_remote(
         if party is not owner:
             calls[party] = ([], options)
     runs = start_flow("mpc.share_from", calls)
+    if owner not in parties:
+        _quietly(runs[owner])  # its part's result is nothing; a failure reaches the parties' too
     return SharedTensor([runs[party] for party in parties], parties, provider, precision, shape)
 
 

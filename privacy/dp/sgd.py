@@ -205,9 +205,8 @@ def _check_rows(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> None:
     """The lot must come from data this worker published as it is: one record per row is what
     the clipping bounds. A tensor the leader derived (``x.mean(0).expand(n, d)``, rows mixed
     with rows) would let one record move every row, and the noise would not cover it."""
-    worker = ctx.me
-    owners, objects = ctx.store.owners, ctx.store.objects
-    published = [objects[i] for i, owner in owners.items() if owner == worker]
+    objects = ctx.store.objects
+    published = [objects[i] for i in ctx.store.ids_owned_by(ctx.me)]
     if not any(x is value for value in published) or not any(y is value for value in published):
         raise BadArguments(
             "dp.sgd_step takes the worker's published data itself (x and y as published), "

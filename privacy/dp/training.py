@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -42,7 +42,8 @@ class DpSettings:
 @dataclass
 class DpHistory:
     steps_done: int = 0
-    refused: list[str] | None = None
+    #: Owners that refused a lot (their budget spent), in the order they did.
+    refused: list[str] = field(default_factory=list)
 
 
 async def train_dp(
@@ -65,7 +66,7 @@ async def train_dp(
     flat = actors.send(flat_parameters(model), shards[0].worker)
     options = {"lot": float(settings.lot), "clip": settings.clip, "sigma": settings.sigma, "lr": settings.lr,
                "loss": settings.loss}  # fmt: skip
-    history = DpHistory(refused=[])
+    history = DpHistory()
     done = 0
     while done < settings.steps and shards:
         count = min(burst, settings.steps - done)
@@ -82,7 +83,7 @@ async def train_dp(
                     raise outcome
                 if shard in shards:
                     shards.remove(shard)
-                    history.refused.append(shard.worker.id)  # type: ignore[union-attr]
+                    history.refused.append(shard.worker.id)
             elif isinstance(outcome, BaseException):
                 raise outcome
             else:
