@@ -30,6 +30,9 @@ from runners.cluster import local_cluster
 PEER_SECONDS = {"mul_1000x1000": 0.125, "matmul_256": 0.030, "mlp_inference": 0.535, "mlp_train_epoch": 19.8}
 PEER_ROUNDS = {"mlp_inference": 49}
 BATCH = 32
+#: Rounds of each measure run before timing: a worker process's heap grows to the size of a
+#: 1000x1000 product's buffers over its first four or so (online mul: 140 ms, then 32-52 ms).
+WARM_UPS = 4
 
 
 def _mlp() -> nn.Sequential:
@@ -60,7 +63,7 @@ async def _measure(
     before: Callable[[], int] = lambda: 0,
 ) -> dict[str, Any]:  # fmt: skip
     """``before``: the depth the operands already have (a model trained in earlier runs)."""
-    for _ in range(2):  # warm-up: links between parties, and each process's heap grown to size
+    for _ in range(WARM_UPS):  # links between parties, and each process's heap grown to size
         await _settle(issue())
         with mpc.recording() as asked:
             await _settle(issue())
