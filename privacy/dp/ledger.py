@@ -2,7 +2,8 @@
 
 A ledger is a list of events in the vocabulary of Google's ``dp_accounting`` (the maintained
 successor of the moments accountant the paper used): every lot a worker served is a
-Poisson-subsampled Gaussian at that step's sampling rate and noise multiplier. Nothing here
+Poisson-subsampled Gaussian at that step's sampling rate and noise multiplier, every PATE query
+a bare Gaussian or Laplace mechanism (:mod:`privacy.pate.workers`). Nothing here
 computes a privacy bound by hand: epsilon is the library's.
 
 * **The budget uses the RDP accountant** (Renyi DP; with the classic conversion this is the
@@ -23,6 +24,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,15 +48,43 @@ class _NotConverged(logging.Filter):
 logging.getLogger("absl").addFilter(_NotConverged())
 
 
+#: The noise a plan may add: Gaussian (DP-SGD, GNMax) or Laplace (PATE's LNMax).
+MECHANISMS = ("gaussian", "laplace")
+
+
 @dataclass(frozen=True)
 class Plan:
-    """One DP-SGD lot: Poisson sampling at ``rate``, Gaussian noise of ``sigma`` times the clip."""
+    """One use of the data: Poisson sampling at ``rate`` (1.0: every record takes part), then
+    noise of ``sigma`` times the sensitivity -- a DP-SGD lot, or one PATE query.
+
+    ``sigma`` is the library's noise multiplier: the Gaussian's standard deviation over the L2
+    sensitivity, or the Laplace scale over the L1 sensitivity (``mechanism="laplace"``, whose
+    epsilon is ``1 / sigma``).
+    """
 
     rate: float
     sigma: float
+    mechanism: str = "gaussian"
+
+    def __post_init__(self) -> None:
+        if self.mechanism not in MECHANISMS:
+            raise ValueError(f"unknown mechanism {self.mechanism!r}: one of {', '.join(MECHANISMS)}")
 
     def event(self) -> dp_accounting.DpEvent:
-        return dp_accounting.PoissonSampledDpEvent(self.rate, dp_accounting.GaussianDpEvent(self.sigma))
+        noise: dp_accounting.DpEvent = (
+            dp_accounting.GaussianDpEvent(self.sigma)
+            if self.mechanism == "gaussian"
+            else dp_accounting.LaplaceDpEvent(self.sigma)
+        )
+        # Without subsampling the bare event: the same RDP for a Gaussian, and the only form the
+        # RDP accountant knows for a Laplace mechanism.
+        return noise if self.rate == 1.0 else dp_accounting.PoissonSampledDpEvent(self.rate, noise)
+
+    def describe(self) -> str:
+        noise = (
+            f"noise {self.sigma:g}" if self.mechanism == "gaussian" else f"{self.mechanism} {self.sigma:g}"
+        )
+        return f"rate {self.rate:.4g}, {noise}"
 
 
 class Ledger:
@@ -88,20 +118,57 @@ class Ledger:
         return room
 
     # -- spending --------------------------------------------------------------------------------
-    def charge(self, plan: Plan) -> None:
-        """Record one lot of ``plan``, or refuse if it would exceed the budget."""
-        if self.remaining(plan) < 1:
+    def charge(self, plan: Plan, count: int = 1) -> None:
+        """Record ``count`` lots of ``plan`` (all or none), or refuse if they would exceed the budget."""
+        if count < 1:
+            raise ValueError(f"a charge is at least one lot, got {count}")
+        room = self.remaining(plan)
+        if room < count:
             epsilon, delta = self.budget
+            what = "one more lot" if count == 1 else f"{count} more lots"
             raise BudgetExhausted(
-                f"{self.source}: one more lot (rate {plan.rate:.4g}, noise {plan.sigma:g}) would exceed "
+                f"{self.source}: {what} ({plan.describe()}) would exceed "
                 f"its budget (epsilon {epsilon:g}, delta {delta:g}); spent {self.epsilon():.4f} "
-                f"in {sum(self.lots.values())} lots, none of this plan left"
+                f"in {sum(self.lots.values())} lots, {room} of this plan left"
             )
-        self.lots[plan] = self.lots.get(plan, 0) + 1
+        self.lots[plan] = self.lots.get(plan, 0) + count
         for other in list(self._room):  # another plan's room shrinks too: find it again when asked
             if other != plan:
                 del self._room[other]
-        self._room[plan] -= 1
+        self._room[plan] -= count
+        if self.path is not None:
+            self._save(self.path)
+
+    def fits(self, charges: Sequence[tuple[Plan, int]]) -> bool:
+        """Whether the ledger with ``charges`` added (lots of several plans) stays in the budget."""
+        epsilon, delta = self.budget
+        extra = [dp_accounting.SelfComposedDpEvent(plan.event(), n) for plan, n in charges if n > 0]
+        return _epsilon(dp_accounting.ComposedDpEvent([self.event(), *extra]), delta, "rdp") <= epsilon
+
+    def check(self, charges: Sequence[tuple[Plan, int]]) -> None:
+        """Refuse (``BudgetExhausted``) unless all of ``charges`` fit together; record nothing.
+
+        One plan is checked against its cached room (a comparison); several plans, which no
+        single room describes, by one accounting of them all together."""
+        charges = [(plan, n) for plan, n in charges if n > 0]
+        if len(charges) == 1 and self.remaining(charges[0][0]) >= charges[0][1]:
+            return
+        if len(charges) != 1 and self.fits(charges):
+            return
+        epsilon, delta = self.budget
+        asked = "; ".join(f"{n} x ({plan.describe()})" for plan, n in charges)
+        raise BudgetExhausted(
+            f"{self.source}: {asked} would exceed its budget (epsilon {epsilon:g}, delta {delta:g}); "
+            f"spent {self.epsilon():.4f} in {sum(self.lots.values())} lots"
+        )
+
+    def charge_all(self, charges: Sequence[tuple[Plan, int]]) -> None:
+        """Record lots of several plans as one charge: all of them, or (over budget) none."""
+        charges = [(plan, n) for plan, n in charges if n > 0]
+        self.check(charges)
+        for plan, n in charges:
+            self.lots[plan] = self.lots.get(plan, 0) + n
+        self._room.clear()  # every plan's room changed
         if self.path is not None:
             self._save(self.path)
 
@@ -130,7 +197,7 @@ class Ledger:
         record = {
             "source": self.source,
             "budget": list(self.budget),
-            "lots": [[plan.rate, plan.sigma, count] for plan, count in self.lots.items()],
+            "lots": [[plan.rate, plan.sigma, count, plan.mechanism] for plan, count in self.lots.items()],
         }
         temporary = path.with_name(path.name + ".tmp")
         with open(temporary, "w") as file:
@@ -141,8 +208,10 @@ class Ledger:
         record = json.loads(path.read_text())
         if record.get("source") != self.source:
             raise ValueError(f"{path} is the ledger of {record.get('source')!r}, not {self.source!r}")
-        for rate, sigma, count in record["lots"]:
-            self.lots[Plan(float(rate), float(sigma))] = int(count)
+        for entry in record["lots"]:  # [rate, sigma, count] before plans named their mechanism
+            rate, sigma, count, *rest = entry
+            mechanism = str(rest[0]) if rest else "gaussian"
+            self.lots[Plan(float(rate), float(sigma), mechanism)] = int(count)
 
 
 def _epsilon(event: dp_accounting.DpEvent, delta: float, accountant: str) -> float:
