@@ -7,7 +7,7 @@ Importing it registers the ``dp`` command set (``dp.sgd_step``) and the ``saniti
 from privacy.dp.ledger import Ledger, Plan, calibrate_sigma
 from privacy.dp.release import SANITIZED, Sanitized
 from privacy.dp.sgd import COMMAND_SET, GhostModel, dp_sgd_step
-from privacy.dp.training import DpHistory, DpSettings, train_dp
+from privacy.dp.training import DpHistory, DpSettings, schedule, train_dp
 
 __all__ = [
     "COMMAND_SET",
@@ -20,5 +20,6 @@ __all__ = [
     "Sanitized",
     "calibrate_sigma",
     "dp_sgd_step",
+    "schedule",
     "train_dp",
 ]

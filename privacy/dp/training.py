@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 import actors
@@ -46,6 +47,14 @@ class DpHistory:
     refused: list[str] = field(default_factory=list)
 
 
+def schedule(workers: int, steps: int, seed: int) -> list[int]:
+    """The leader's choice of worker for each step. It is public and independent of the data,
+    so it can be drawn ahead: each owner may then calibrate its noise for exactly the lots it
+    will serve (``schedule(...).count(w)``) instead of for a guess with slack."""
+    chooser = random.Random(seed)
+    return [chooser.randrange(workers) for _ in range(steps)]
+
+
 async def train_dp(
     model: nn.Module,
     dataset: FederatedDataset,
@@ -54,28 +63,40 @@ async def train_dp(
     *,
     keep_going: bool = False,
     burst: int = 64,
+    sigmas: Mapping[str, float] | None = None,
+    snapshot: Callable[[int, torch.Tensor], None] | None = None,
 ) -> DpHistory:
     """Train ``model`` in place; it is local again at the end. Steps are sent in bursts of
-    ``burst`` (the workers never wait for the leader inside one)."""
+    ``burst`` (the workers never wait for the leader inside one). The worker of step ``i`` is
+    ``schedule(n_workers, settings.steps, settings.seed)[i]`` (once an owner has refused, with
+    ``keep_going``, its steps go to one of the others at random). ``sigmas`` gives an owner
+    (by worker id) a noise multiplier of its own, ``settings.sigma`` being everyone else's.
+    ``snapshot(steps_done, parameters)`` sees a copy of the flat parameters after each burst
+    (sanitized, so they may leave), for training curves; it costs one round trip per burst."""
     spec = fusable(model)
     if spec is None:
         raise TypeError("DP-SGD takes a model of allowlisted layers with float32 parameters")
     key = spec_key(spec)
-    chooser = random.Random(settings.seed)  # the leader's choice of worker: public, data-independent
-    shards = list(dataset.shards)
+    everyone = list(dataset.shards)
+    picks = schedule(len(everyone), settings.steps, settings.seed)
+    chooser = random.Random(settings.seed + 1)  # who takes a refused owner's steps: public too
+    shards = list(everyone)
     flat = actors.send(flat_parameters(model), shards[0].worker)
-    options = {"lot": float(settings.lot), "clip": settings.clip, "sigma": settings.sigma, "lr": settings.lr,
-               "loss": settings.loss}  # fmt: skip
+    options = {"lot": float(settings.lot), "clip": settings.clip, "lr": settings.lr, "loss": settings.loss}
+    sigmas = sigmas or {}
     history = DpHistory()
     done = 0
     while done < settings.steps and shards:
         count = min(burst, settings.steps - done)
-        picks = [chooser.choice(shards) for _ in range(count)]
-        hops = plan_route(flat.location, [shard.worker for shard in picks])
+        chosen = [everyone[i] for i in picks[done : done + count]]
+        chosen = [shard if shard in shards else chooser.choice(shards) for shard in chosen]
+        hops = plan_route(flat.location, [shard.worker for shard in chosen])
         steps = []
-        for shard, hop in zip(picks, hops, strict=True):
+        for shard, hop in zip(chosen, hops, strict=True):
             flat.move(shard.worker, announced=hop)
-            steps.append((shard, call(shard.worker, "dp.sgd_step", [key, flat, shard.x, shard.y], options)))
+            noise = {"sigma": sigmas.get(shard.worker.id, settings.sigma)}
+            step = call(shard.worker, "dp.sgd_step", [key, flat, shard.x, shard.y], options | noise)
+            steps.append((shard, step))
         outcomes = await _outcomes(steps)
         for (shard, _), outcome in zip(steps, outcomes, strict=True):
             if isinstance(outcome, BudgetExhausted):
@@ -89,6 +110,8 @@ async def train_dp(
             else:
                 done += 1
         history.steps_done = done
+        if snapshot is not None:
+            snapshot(done, await flat.clone().get())
         if progress is not None:
             progress(done)
     load_flat(model, await flat.get())
