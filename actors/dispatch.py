@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -100,6 +100,15 @@ _SELF_WRITERS = ("Tensor.backward", "Tensor.set_grad")
 #: The options through which an operation of MUTATES writes (``out=`` for any).
 _MUTATED_OPTIONS = ("out", "running_mean", "running_var", "weight")
 WITHHELD = "details withheld: the operation ran on labelled data"
+
+
+class Refs(NamedTuple):
+    """The objects a registered command's message named: all of them, per positional argument,
+    and per keyword (its arguments are resolved in place, so these are taken first)."""
+
+    ids: list[int]
+    positions: list[list[int]]
+    kwrefs: dict[str, list[int]]
 
 
 class _DependencyFailed(Exception):
@@ -471,8 +480,8 @@ class Dispatch:
             if type(args) is not list:
                 raise BadArguments(f"{op}: arguments must be a list")
             special = op in self.special
-            if special:
-                if op in self.label_rules or op in MUTATES:
+            if special or spec is not None:  # a registered command's label rule reads them later
+                if spec is not None or op in self.label_rules or op in MUTATES:
                     positions = _positions(args)
                 if args and type(args[0]) is ObjRef:
                     target = args[0].id
@@ -511,7 +520,8 @@ class Dispatch:
                 if "out" in kwargs:
                     special = True
             if spec is not None:
-                return self._start(session, message, spec, args, kwargs or {}, label)
+                refs = Refs(ids, positions or [], kwrefs)
+                return self._start(session, message, spec, args, kwargs or {}, label, refs)
             if special:
                 self._check_targets(op, sender, target, ids, positions, kwrefs, args, kwargs)
             result = fn(*args, **kwargs) if kwargs else fn(*args)
@@ -715,10 +725,12 @@ class Dispatch:
     # -- jobs and flows ----------------------------------------------------------------------
     def _start(  # noqa: PLR0917, PLR0915 - one private call site
         self, session: Session, message: Command, spec: CommandSpec, args: list[Any], kwargs: dict[str, Any],
-        label: Label,
+        label: Label, refs: Refs,
     ) -> Node | None:  # fmt: skip
         """Start a registered command that takes a context, a job or a flow. Its result id is
-        pending until it ends: commands that use it wait for it, nothing else does."""
+        pending until it ends: commands that use it wait for it, nothing else does. ``refs``
+        are the objects its message named, taken before they were resolved in place: what it
+        reads, and what its label rule is about."""
         worker = self.worker
         sender, result_id = session.identity, message.result_id
         flow = kwargs.pop(FLOW_OPTION, None) if spec.kind == "flow" else None
@@ -740,8 +752,7 @@ class Dispatch:
             if spec.context
             else functools.partial(spec.fn, *args, **kwargs)
         )
-        reads = refs_in(message.args, []) if type(message.args) is list else []
-        node = Node(reads, [result_id], _nothing, sender)
+        node = Node(list(refs.ids), [result_id], _nothing, sender)
 
         def finish(result: Any, exc: BaseException | None) -> None:
             if exc is not None:
@@ -756,7 +767,8 @@ class Dispatch:
                     self._abort_run(flow_id, parties, spec.name, failure.error)
             else:
                 rule = self.label_rules.get(spec.name)
-                out_label = rule(self._io_from(message, ctx)) if rule is not None else ctx.label
+                io = LabelIO(self.store, refs.positions, refs.kwrefs, args, kwargs)
+                out_label = rule(io) if rule is not None else ctx.label
                 self._put(result_id, result, sender, out_label)
             if flow_id is not None:
                 worker.flows.forget(flow_id)
@@ -805,12 +817,6 @@ class Dispatch:
                 connection.tell(Flow(connection.next_id(), me, flow_id, ABORT, reason, None))
             except Exception as exc:
                 self.log.info("abort not delivered", party=party, flow_id=flow_id, error=repr(exc))
-
-    def _io_from(self, message: Command, ctx: Context) -> LabelIO:
-        """A label rule's view of a registered command, from its message's references."""
-        refs = [refs_in(arg, []) for arg in message.args] if type(message.args) is list else []
-        kwrefs = {k: refs_in(v, []) for k, v in (message.kwargs or {}).items() if k != FLOW_OPTION}
-        return LabelIO(self.store, refs, kwrefs, list(message.args), dict(message.kwargs or {}))
 
     # -- other messages ---------------------------------------------------------------------
     def check_may_write(self, obj_id: int, sender: str) -> None:

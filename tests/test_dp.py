@@ -186,9 +186,7 @@ async def test_the_paper_s_sampling_charges_each_owner_the_lots_it_served(keep_g
     """The leader picks a worker per step (its seeded, public choice); each owner's ledger holds
     exactly the lots it served, at its own rate; over budget an owner refuses, and training
     stops there or goes on with the others."""
-    import random  # noqa: PLC0415
-
-    from privacy.dp import DpSettings, train_dp  # noqa: PLC0415
+    from privacy.dp import DpSettings, schedule, train_dp  # noqa: PLC0415
     from privacy.federated import FederatedDataset, make_model, publish_shard  # noqa: PLC0415
 
     torch.manual_seed(0)
@@ -217,9 +215,8 @@ async def test_the_paper_s_sampling_charges_each_owner_the_lots_it_served(keep_g
         assert history.refused == ["bob"]
         alice_lots = ledgers["alice"].lots[Plan(4 / 80, 1.0)]
         assert bob_lots + alice_lots == history.steps_done == 120  # every step served by someone
-        chooser = random.Random(7)
-        first = [chooser.choice(["bob", "alice"]) for _ in range(8)]  # the first burst is the seed's
-        assert ledgers["alice"].lots and first.count("bob") <= bob_lots
+        first = schedule(2, 8, seed=7)  # the first burst is the seed's schedule: bob is worker 0
+        assert ledgers["alice"].lots and first.count(0) <= bob_lots
     finally:
         for worker in workers:
             await worker.close()
@@ -301,3 +298,31 @@ async def test_a_worker_process_keeps_its_ledger_across_a_restart(tmp_path: Path
 
     assert await session(3) == 3
     assert await session(None) == fits - 3  # the restart forgot nothing
+
+
+@pytest.mark.parametrize("transport", ["virtual", "tcp"])
+@bounded(30)
+async def test_a_sanitized_release_to_named_identities_keeps_its_audience(transport: str) -> None:
+    """Parameters a DP-SGD step changed carry the owner's sanitized taint with its audience:
+    the leader it names may fetch them, a second worker it does not name may not receive them.
+    (A registered command's label rule once saw no arguments, and the walking parameters left
+    unlabelled.)"""
+    from tests.test_policy import Site  # noqa: PLC0415
+
+    site = Site(transport)
+    try:
+        bob, eve = await site.start("bob"), await site.start("eve")
+        x, y = torch.randn(20, 5), torch.randn(20, 1)
+        releases = [Sanitized(to=["me"], epsilon=100.0)]
+        site.workers["bob"].publish("d/x", x, releases=releases)
+        site.workers["bob"].publish("d/y", y, releases=releases)
+        model = _mlp()
+        flat = actors.send(flat_parameters(model), bob)
+        options = {"lot": 5.0, "clip": 1.0, "sigma": 1.0, "lr": 0.1}
+        await call(bob, "dp.sgd_step", [spec_key(module_spec(model)), flat, bob.published("d/x"),
+                                        bob.published("d/y")], options).resolve()  # fmt: skip
+        with pytest.raises(PermissionDenied, match="leave to eve"):
+            await flat.copy().move(eve).get()
+        assert (await flat.get()).shape == flat_parameters(model).shape
+    finally:
+        await site.close()
