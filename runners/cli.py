@@ -39,6 +39,7 @@ from runners.experiments import settings_from, table1, train_command, use_data_d
 from runners.federated import SPLITS, Federation
 from runners.mpc_experiment import DEFAULTS as MPC_DEFAULTS
 from runners.mpc_experiment import format_mpc_result, mpc_command
+from runners.table2 import run as table2
 
 #: What ``aiosyft worker`` serves by default beside the torch allowlist: federated training, DP-SGD
 #: steps and being a party to SPDZ. Being a crypto provider is asked for (``--enable provider``).
@@ -111,6 +112,17 @@ def _data_dir_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help=f"dataset folder (default: ${DATA_ENV}, else the user cache)")
 
 
+def _privacy_parsers(commands: Any) -> None:
+    """``aiosyft table2``: differential privacy's experiments."""
+    utility = commands.add_parser("table2", help="the paper's Table 2 (utility per privacy budget), here")
+    utility.add_argument("--seeds", type=TWO_OR_MORE, default=10, help="seeds per cell (default 10)")
+    utility.add_argument("--json", type=Path, help="also write the rows to this file")
+    utility.add_argument(
+        "--png-dir", type=Path, default=Path("results"), help="where the two charts go (default results)"
+    )
+    _data_dir_option(utility)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="aiosyft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -143,6 +155,8 @@ def _parser() -> argparse.ArgumentParser:
         "--png", type=Path, default=Path("results/table1.png"), help="bar chart (default results/table1.png)"
     )
     _data_dir_option(table)
+
+    _privacy_parsers(commands)
 
     launch = commands.add_parser("launch", help="start N local worker processes; Ctrl-C stops them")
     launch.add_argument("--workers", required=True, help="comma-separated ids, e.g. alice,bob,carol")
@@ -307,6 +321,11 @@ def _worker_releases(args: argparse.Namespace) -> tuple[Release, ...]:
     return (Sanitized(epsilon=args.epsilon or 1.0, delta=args.delta or 1e-5, ledger=args.ledger),)
 
 
+def _run_privacy(args: argparse.Namespace) -> None:
+    use_data_dir(args.data_dir)
+    table2(args.seeds, args.json, args.png_dir)
+
+
 def _run(args: argparse.Namespace) -> None:
     if args.command == "demo":
         asyncio.run(demo())
@@ -349,6 +368,8 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "table1":
         use_data_dir(args.data_dir)
         asyncio.run(table1(args.repeats, args.json, args.png))
+    elif args.command == "table2":
+        _run_privacy(args)
     elif args.command == "launch":
         asyncio.run(launch(args.ids, args.transport, args.host, args.port, args.sets))
     elif args.command == "bench" and args.suite == "pointers":
