@@ -39,11 +39,12 @@ from runners.experiments import settings_from, table1, train_command, use_data_d
 from runners.federated import SPLITS, Federation
 from runners.mpc_experiment import DEFAULTS as MPC_DEFAULTS
 from runners.mpc_experiment import format_mpc_result, mpc_command
+from runners.pate_experiment import PateSettings, format_pate, pate_command
 from runners.table2 import run as table2
 
 #: What ``aiosyft worker`` serves by default beside the torch allowlist: federated training, DP-SGD
 #: steps and being a party to SPDZ. Being a crypto provider is asked for (``--enable provider``).
-DEFAULT_SETS = ("train", "mpc", "dp")
+DEFAULT_SETS = ("train", "mpc", "dp", "pate")
 #: What a command that fails while running reports in one line (exit status 1); anything else
 #: is a bug and keeps its traceback. Dataset errors are SyftErrors; TimeoutError is an OSError.
 FAILURES = (SyftError, OSError)
@@ -113,7 +114,7 @@ def _data_dir_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _privacy_parsers(commands: Any) -> None:
-    """``aiosyft table2``: differential privacy's experiments."""
+    """``aiosyft table2`` and ``aiosyft pate``: differential privacy's experiments."""
     utility = commands.add_parser("table2", help="the paper's Table 2 (utility per privacy budget), here")
     utility.add_argument("--seeds", type=TWO_OR_MORE, default=10, help="seeds per cell (default 10)")
     utility.add_argument("--json", type=Path, help="also write the rows to this file")
@@ -121,6 +122,20 @@ def _privacy_parsers(commands: Any) -> None:
         "--png-dir", type=Path, default=Path("results"), help="where the two charts go (default results)"
     )
     _data_dir_option(utility)
+
+    pate = commands.add_parser("pate", help="PATE on Pima: each owner the noisy aggregator of its teachers")
+    pate.add_argument("--mechanism", choices=("gnmax", "confident", "lnmax"), default="confident")
+    pate.add_argument("--teachers", type=POSITIVE, default=25, help="teachers per owner (default 25)")
+    pate.add_argument("--workers", type=POSITIVE, default=2, help="data owners (default 2)")
+    pate.add_argument("--sigma", type=POSITIVE_FLOAT, help="GNMax noise (gnmax, confident)")
+    pate.add_argument("--threshold", type=float, help="Confident-GNMax's threshold on the max count")
+    pate.add_argument("--sigma1", type=POSITIVE_FLOAT, help="Confident-GNMax's threshold noise")
+    pate.add_argument("--gamma", type=POSITIVE_FLOAT, help="LNMax's inverse Laplace scale")
+    pate.add_argument("--epsilon", type=POSITIVE_FLOAT, default=4.0, help="each owner's budget (default 4)")
+    pate.add_argument("--queries", type=POSITIVE, help="ask at most this many public queries")
+    pate.add_argument("--seed", type=int, default=0)
+    pate.add_argument("--json", type=Path, help="also write the figures to this file")
+    _data_dir_option(pate)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -323,7 +338,17 @@ def _worker_releases(args: argparse.Namespace) -> tuple[Release, ...]:
 
 def _run_privacy(args: argparse.Namespace) -> None:
     use_data_dir(args.data_dir)
-    table2(args.seeds, args.json, args.png_dir)
+    if args.command == "table2":
+        table2(args.seeds, args.json, args.png_dir)
+        return
+    settings = PateSettings(
+        mechanism=args.mechanism, workers=args.workers, teachers=args.teachers, epsilon=args.epsilon,
+        sigma=args.sigma, threshold=args.threshold, sigma1=args.sigma1, gamma=args.gamma,
+        max_queries=args.queries, seed=args.seed,
+    )  # fmt: skip
+    figures = asyncio.run(pate_command(settings, args.data_dir))
+    print(format_pate(figures))
+    write_json(figures, args.json)
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -368,7 +393,7 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "table1":
         use_data_dir(args.data_dir)
         asyncio.run(table1(args.repeats, args.json, args.png))
-    elif args.command == "table2":
+    elif args.command in ("table2", "pate"):
         _run_privacy(args)
     elif args.command == "launch":
         asyncio.run(launch(args.ids, args.transport, args.host, args.port, args.sets))

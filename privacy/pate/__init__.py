@@ -7,8 +7,14 @@ from the caller's ``torch.Generator``) and :mod:`~privacy.pate.analysis` (their 
 or log moments per query, data-independent and data-dependent, summed and converted to
 (epsilon, delta)). Nothing here talks to workers; whoever runs teachers on workers calls these.
 A data-dependent epsilon is a function of the private votes and must never be published as is.
+
+:mod:`~privacy.pate.workers` runs PATE where the data is (each owner trains its teachers and is
+the noisy aggregator of its own votes, charging its ledger; importing this package registers the
+``pate`` command set) and :mod:`~privacy.pate.training` is the leader's half (combine the owners'
+noisy labels, train a student).
 """
 
+from privacy.pate import workers
 from privacy.pate.aggregation import UNANSWERED, confident_gnmax, gnmax, laplace_noisy_max, teacher_votes
 from privacy.pate.analysis import (
     DEFAULT_MOMENTS,
@@ -57,3 +63,8 @@ __all__ = [
     "pate_epsilon",
     "rdp_to_epsilon",
 ]
+
+from privacy.pate.training import TeacherSettings, combine, pate_labels, train_student
+from privacy.pate.workers import owner_epsilon
+
+__all__ += ["TeacherSettings", "combine", "owner_epsilon", "pate_labels", "train_student", "workers"]
