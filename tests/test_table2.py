@@ -21,9 +21,9 @@ from runners.table2 import (
     RECIPES,
     Cell,
     Recipe,
+    bend,
     dp_cell,
     format_table2,
-    hinge,
     metric,
     prepare,
     summarize,
@@ -66,13 +66,13 @@ async def test_each_owner_serves_its_scheduled_lots_with_its_own_noise() -> None
             await worker.close()
 
 
-def test_the_hinge_map_and_the_target_s_units() -> None:
+def test_the_feature_map_and_the_target_s_units() -> None:
     x = torch.tensor([[-2.0, 0.5, 1.5]])
-    assert torch.equal(hinge(x), torch.tensor([[-2.0, 0.5, 1.5, 0.0, 0.0, 0.5, 1.0, 0.0, 0.0]]))
+    assert torch.equal(bend(x), torch.tensor([[-2.0, 0.5, 1.5, 0.0, 1.5, 4.5]]))
     data = load("boston", seed=3)
-    recipe = Recipe((), features="hinge", center=25.0, scale=3.0)
+    recipe = Recipe((), features="relu", center=25.0, scale=3.0)
     prepared = prepare(data, recipe)
-    assert prepared.x_train.shape[1] == 3 * data.x_train.shape[1]
+    assert prepared.x_train.shape[1] == 2 * data.x_train.shape[1]
     model = make_model(prepared.x_test.shape[1], (), seed=1)
     with torch.no_grad():
         predicted = model(prepared.x_test) * 3.0 + 25.0

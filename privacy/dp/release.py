@@ -1,11 +1,12 @@
-"""The *sanitized* release: what a DP-SGD step computes from the data may leave, nothing else.
+"""The *sanitized* release: what a sanitizer computes from the data may leave, nothing else.
 
 ``worker.publish("boston/x", x, releases=[Sanitized(epsilon=2.0, delta=1e-5)])`` declares that
 parameters changed by differentially private steps on the dataset (per-example clipping and
-Gaussian noise, :mod:`privacy.dp.sgd`) may leave the worker, each step charged to the owner's
-ledger (:mod:`privacy.dp.ledger`) before its result exists, until the budget ``(epsilon, delta)``
-is spent. Ordinary model updates, losses and everything else derived from the data stay raw and
-stay put. ``ledger`` is a file the owner keeps the ledger in, so that a restart forgets nothing.
+Gaussian noise, :mod:`privacy.dp.sgd`) and PATE's noisy labels (:mod:`privacy.pate.workers`)
+may leave the worker, each use charged to the owner's ledger (:mod:`privacy.dp.ledger`) before its
+result exists, until the budget ``(epsilon, delta)`` is spent. Ordinary model updates, losses
+and everything else derived from the data stay raw and stay put. ``ledger`` is a file the owner
+keeps the ledger in, so that a restart forgets nothing.
 """
 
 from __future__ import annotations
