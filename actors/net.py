@@ -16,6 +16,7 @@ from actors.connection import Connection
 from actors.identity import IDENTITY_ENV, SECRET_ENV
 from actors.remote import RemoteWorker
 from actors.tcp import TcpTransport, serve_tcp
+from actors.tls import SECURE_SCHEMES, TlsConfig, scheme_of
 from actors.transport import Transport, dial
 from actors.worker import Worker
 from actors.ws import WebSocketTransport, serve_ws
@@ -44,14 +45,22 @@ class Server:
             await self._handle.wait_closed()
 
 
-async def serve(worker: Worker, transport: str, host: str = "127.0.0.1", port: int = 0) -> Server:
-    """Serve ``worker`` over ``transport`` ("ws" or "tcp"); port 0 picks a free port."""
+async def serve(
+    worker: Worker, transport: str, host: str = "127.0.0.1", port: int = 0, *, tls: TlsConfig | None = None
+) -> Server:
+    """Serve ``worker`` over ``transport`` ("ws" or "tcp"); port 0 picks a free port.
+
+    With ``tls`` (default: the worker's own :attr:`~actors.Worker.tls`) it listens on
+    ``wss://`` or ``tls://`` only, and the worker dials its peers with the same certificates.
+    """
+    tls = tls if tls is not None else worker.tls
+    worker.tls = tls
     if transport == "ws":
-        runner, address = await serve_ws(worker, host, port)
+        runner, address = await serve_ws(worker, host, port, tls)
         worker.address = address
         return Server(worker, address, runner)
     if transport == "tcp":
-        server, address = await serve_tcp(worker, host, port)
+        server, address = await serve_tcp(worker, host, port, tls)
         worker.address = address
         return Server(worker, address, server)
     raise ValueError(f"unknown transport {transport!r}; expected one of {TRANSPORTS}")
@@ -65,10 +74,15 @@ async def connect(
     max_frame_size: int = DEFAULT_MAX_FRAME,
     timeout: float = 10.0,
     reply_timeout: float | None = None,
+    tls: TlsConfig | None = None,
 ) -> RemoteWorker:
     """Connect to the worker at ``ws://host:port``, ``tcp://host:port`` or ``virtual://id``,
     authenticating as ``identity`` with ``secret`` (default: ``$AIOSYFT_IDENTITY``, else
     ``"me"``, and ``$AIOSYFT_SECRET``).
+
+    ``wss://host:port`` and ``tls://host:port`` are dialled over mutual TLS with ``tls`` (default:
+    the ``$AIOSYFT_TLS_*`` configuration); with TLS configured, a plaintext network address is
+    refused (:class:`~actors.tls.InsecureAddress`) before anything is sent.
 
     Returns once the worker has answered, so wrong credentials (:class:`AuthenticationFailed`) or an
     unreachable address (:class:`WorkerLost`) surfaces here, not at the first operation.
@@ -77,16 +91,21 @@ async def connect(
     """
     local_id = identity if identity is not None else os.environ.get(IDENTITY_ENV) or "me"
     secret = secret if secret is not None else os.environ.get(SECRET_ENV) or None
+    tls = tls if tls is not None else TlsConfig.from_environment()
     transport: Transport
-    if address.startswith("ws://"):
-        transport = WebSocketTransport(address, local_id, secret=secret, max_frame_size=max_frame_size)
-    elif address.startswith("tcp://"):
-        transport = TcpTransport(address, local_id, secret=secret, max_frame_size=max_frame_size)
-    elif address.startswith("virtual://"):
+    scheme = scheme_of(address)
+    if scheme in ("ws", "wss"):
+        transport = WebSocketTransport(
+            address, local_id, secret=secret, max_frame_size=max_frame_size, tls=tls
+        )
+    elif scheme in ("tcp", *(s for s, plain in SECURE_SCHEMES.items() if plain == "tcp")):
+        transport = TcpTransport(address, local_id, secret=secret, max_frame_size=max_frame_size, tls=tls)
+    elif scheme == "virtual":
         transport = dial(address, local_id, secret=secret)
     else:
         raise ValueError(
-            f"cannot connect to {address!r}: use ws://host:port, tcp://host:port or virtual://id"
+            f"cannot connect to {address!r}: use ws://host:port, tcp://host:port, wss://host:port, "
+            "tls://host:port or virtual://id"
         )
     connection = Connection(local_id, address, transport, Codec(max_frame_size), reply_timeout=reply_timeout)
     worker = RemoteWorker(address, connection)

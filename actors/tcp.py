@@ -27,9 +27,11 @@ from typing import Any
 import msgpack
 
 from actors.log import get_logger
+from actors.tls import TlsConfig, check_dialable, is_secure, register_secure_dialer, scheme_of
 from actors.transport import DialingTransport, FlowControl, register_dialer
 from actors.worker import Session, Worker
 from protocol import (
+    DEFAULT_MAX_FRAME,
     PROTOCOL_VERSION,
     AuthenticationFailed,
     FrameTooLarge,
@@ -218,16 +220,40 @@ def _read_hello(frame: Buffer) -> dict[str, Any]:
 
 
 class TcpTransport(DialingTransport):
-    """Client end of a TCP link."""
+    """Client end of a TCP link: ``tcp://host:port``, or with ``tls`` ``tls://host:port``."""
 
     scheme = "tcp"
     _stream: FrameStream | None = None
+
+    def __init__(
+        self,
+        address: str,
+        local_id: str,
+        *,
+        secret: str | None = None,
+        max_frame_size: int = DEFAULT_MAX_FRAME,
+        tls: TlsConfig | None = None,
+    ) -> None:
+        check_dialable(address, tls)
+        secure = is_secure(address)
+        if secure:
+            self.scheme = scheme_of(address)  # split_address checks the address against it
+        super().__init__(address, local_id, secret=secret, max_frame_size=max_frame_size)
+        #: The client context when the address is a TLS one (a plaintext one with TLS on was refused).
+        self._ssl = tls.client_context() if secure and tls is not None else None
 
     async def _run(self) -> None:
         host, port = self.host, self.port
         loop = asyncio.get_running_loop()
         try:
-            _, stream = await loop.create_connection(lambda: FrameStream(self.max_frame_size), host, port)
+            _, stream = await loop.create_connection(
+                lambda: FrameStream(self.max_frame_size),
+                host,
+                port,
+                ssl=self._ssl,
+                server_hostname=host if self._ssl is not None else None,
+                ssl_handshake_timeout=_HANDSHAKE_TIMEOUT if self._ssl is not None else None,
+            )
             self._stream = stream
             answer: asyncio.Future[Buffer] = loop.create_future()
 
@@ -268,6 +294,11 @@ class TcpTransport(DialingTransport):
 
 
 register_dialer("tcp", lambda address, local_id, *, secret: TcpTransport(address, local_id, secret=secret))
+for _scheme in ("tls", "tcp+tls"):
+    register_secure_dialer(
+        _scheme,
+        lambda address, local_id, *, secret, tls: TcpTransport(address, local_id, secret=secret, tls=tls),
+    )
 
 
 class _ServerSide:
@@ -346,14 +377,26 @@ class _ServerSide:
             self.stream.transport.close()
 
 
-async def serve_tcp(worker: Worker, host: str, port: int) -> tuple[asyncio.Server, str]:
-    """Serve ``worker`` on ``tcp://host:port`` (port 0 picks a free one); returns the address."""
+async def serve_tcp(
+    worker: Worker, host: str, port: int, tls: TlsConfig | None = None
+) -> tuple[asyncio.Server, str]:
+    """Serve ``worker`` on ``tcp://host:port`` (port 0 picks a free one), or with ``tls`` on
+    ``tls://host:port`` only; returns the address.
+
+    With TLS the handshake (and the refusal of a peer without a certificate from the CA) comes
+    before :class:`FrameStream` sees a byte, bounded by the same timeout as aiosyft's own.
+    """
     loop = asyncio.get_running_loop()
     max_frame_size = worker.codec.max_frame_size
 
     def accept() -> FrameStream:
         return FrameStream(max_frame_size, on_connect=lambda stream: _ServerSide(worker, stream))
 
-    server = await loop.create_server(accept, host, port)
+    if tls is None:
+        server = await loop.create_server(accept, host, port)
+    else:
+        server = await loop.create_server(
+            accept, host, port, ssl=tls.server_context(), ssl_handshake_timeout=_HANDSHAKE_TIMEOUT
+        )
     bound = server.sockets[0].getsockname()
-    return server, f"tcp://{host}:{bound[1]}"
+    return server, f"{'tls' if tls is not None else 'tcp'}://{host}:{bound[1]}"

@@ -25,7 +25,8 @@ from actors.log import get_logger, tracing
 from actors.policy import Policy, Public, Release, Taint
 from actors.registry import commands_for, label_rules
 from actors.store import ObjectStore
-from actors.transport import FlowControl, dial
+from actors.tls import TlsConfig, dial_secure
+from actors.transport import FlowControl
 from protocol import (
     DEFAULT_MAX_FRAME,
     PROTOCOL_VERSION,
@@ -169,7 +170,8 @@ class Worker:
     ``credentials`` checks who connects (``None``: anyone may claim any identity, which is only
     sensible on loopback); ``secret`` is this worker's own, presented when it dials a peer.
     ``enable`` names the command sets it serves beyond the torch allowlist (``None``: every set
-    a package loaded in this process registered).
+    a package loaded in this process registered). ``tls`` (:class:`~actors.tls.TlsConfig`) is
+    what it serves with and dials its peers with: with it, no link of this worker is plaintext.
     """
 
     def __init__(
@@ -187,8 +189,12 @@ class Worker:
         max_unclaimed: int = MAX_UNCLAIMED,
         grace: float = GRACE,
         max_failures: int = MAX_FAILURES,
+        tls: TlsConfig | None = None,
     ) -> None:
         self.id = worker_id
+        #: Certificates for its links; ``serve(..., tls=)`` sets it too. With it, the worker dials
+        #: TLS addresses only (a plaintext one fails as :class:`~actors.tls.InsecureAddress`).
+        self.tls = tls
         #: Seconds an identity's objects outlive its last connection, so that it can reconnect
         #: and carry on; then they are freed.
         self.grace = grace
@@ -314,7 +320,8 @@ class Worker:
         key = (peer_id, address)
         connection = self.peers.get(key)
         if connection is None or connection.lost is not None:
-            transport = dial(address, self.id, secret=self.secret)
+            # With TLS on, a plaintext address raises here: the secret would go out in the clear.
+            transport = dial_secure(address, self.id, secret=self.secret, tls=self.tls)
             codec = Codec(self.codec.max_frame_size)
             connection = Connection(self.id, peer_id, transport, codec, expect_id=peer_id)
             self.peers[key] = connection

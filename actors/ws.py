@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ssl
 from collections.abc import Coroutine
 from typing import Any
 
@@ -25,9 +26,10 @@ import aiohttp
 from aiohttp import web
 
 from actors.log import get_logger
+from actors.tls import TlsConfig, check_dialable, is_secure, register_secure_dialer, scheme_of
 from actors.transport import DialingTransport, FlowControl, register_dialer
 from actors.worker import Worker
-from protocol import AuthenticationFailed, WorkerLost
+from protocol import DEFAULT_MAX_FRAME, AuthenticationFailed, WorkerLost
 from protocol.codec import Buffer
 
 ID_HEADER = "X-Aiosyft-Id"
@@ -230,15 +232,18 @@ def _guard(request: web.BaseRequest) -> _Unauthenticated | None:
 
 
 class _GuardedSite(web.BaseSite):
-    """A TCP site whose connections start behind :class:`_Unauthenticated`."""
+    """A TCP site whose connections start behind :class:`_Unauthenticated` (and with ``ssl``, after
+    the TLS handshake: a peer without a certificate from the CA never reaches aiohttp)."""
 
-    def __init__(self, runner: web.BaseRunner, host: str, port: int) -> None:
-        super().__init__(runner)
+    def __init__(
+        self, runner: web.BaseRunner, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context)
         self._host, self._port = host, port
 
     @property
     def name(self) -> str:
-        return f"http://{self._host}:{self._port}"
+        return f"{'https' if self._ssl_context else 'http'}://{self._host}:{self._port}"
 
     async def start(self) -> None:
         await super().start()
@@ -246,7 +251,11 @@ class _GuardedSite(web.BaseSite):
         assert handlers is not None
         # BaseSite.stop() closes self._server; runner.addresses reads its sockets.
         self._server = await asyncio.get_running_loop().create_server(
-            lambda: _Unauthenticated(handlers()), self._host, self._port
+            lambda: _Unauthenticated(handlers()),
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            ssl_handshake_timeout=_CONNECT_TIMEOUT if self._ssl_context is not None else None,
         )
 
 
@@ -309,24 +318,44 @@ def make_app(worker: Worker) -> web.Application:
     return app
 
 
-async def serve_ws(worker: Worker, host: str, port: int) -> tuple[web.AppRunner, str]:
-    """Serve ``worker`` on ``ws://host:port`` (port 0 picks a free one); returns the address."""
+async def serve_ws(
+    worker: Worker, host: str, port: int, tls: TlsConfig | None = None
+) -> tuple[web.AppRunner, str]:
+    """Serve ``worker`` on ``ws://host:port`` (port 0 picks a free one), or with ``tls`` on
+    ``wss://host:port`` only; returns the address."""
     runner = web.AppRunner(
         make_app(worker), access_log=None, handle_signals=False, shutdown_timeout=2.0, lingering_time=0
     )  # lingering_time 0: a request body nobody read closes the connection, it is not drained
     await runner.setup()
-    site = _GuardedSite(runner, host, port)
+    site = _GuardedSite(runner, host, port, tls.server_context() if tls is not None else None)
     await site.start()
     bound = runner.addresses[0]  # the first socket's, should the host resolve to several
-    return runner, f"ws://{host}:{bound[1]}"
+    return runner, f"{'wss' if tls is not None else 'ws'}://{host}:{bound[1]}"
 
 
 class WebSocketTransport(DialingTransport):
-    """Client end of a WebSocket link."""
+    """Client end of a WebSocket link: ``ws://host:port``, or with ``tls`` ``wss://host:port``."""
 
     scheme = "ws"
     _session: aiohttp.ClientSession | None = None
     _outbox: _Outbox | None = None
+
+    def __init__(
+        self,
+        address: str,
+        local_id: str,
+        *,
+        secret: str | None = None,
+        max_frame_size: int = DEFAULT_MAX_FRAME,
+        tls: TlsConfig | None = None,
+    ) -> None:
+        check_dialable(address, tls)
+        secure = is_secure(address)
+        if secure:
+            self.scheme = scheme_of(address)  # split_address checks the address against it
+        super().__init__(address, local_id, secret=secret, max_frame_size=max_frame_size)
+        #: The client context when the address is a TLS one (a plaintext one with TLS on was refused).
+        self._ssl: ssl.SSLContext | bool = tls.client_context() if secure and tls is not None else True
 
     async def _run(self) -> None:
         headers = {ID_HEADER: self.local_id}
@@ -340,6 +369,7 @@ class WebSocketTransport(DialingTransport):
                 max_msg_size=self.max_frame_size,
                 compress=0,
                 timeout=aiohttp.ClientWSTimeout(ws_close=_CONNECT_TIMEOUT),
+                ssl=self._ssl,
             )
         except aiohttp.WSServerHandshakeError as exc:
             refused = exc.status == 401
@@ -383,4 +413,8 @@ class WebSocketTransport(DialingTransport):
 
 register_dialer(
     "ws", lambda address, local_id, *, secret: WebSocketTransport(address, local_id, secret=secret)
+)
+register_secure_dialer(
+    "wss",
+    lambda address, local_id, *, secret, tls: WebSocketTransport(address, local_id, secret=secret, tls=tls),
 )

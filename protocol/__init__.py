@@ -11,6 +11,7 @@ from protocol.errors import (
     CommandNotAllowed,
     FlowAborted,
     FrameTooLarge,
+    InsecureAddress,
     MalformedFrame,
     MalformedMessage,
     ObjectNotFound,
@@ -81,6 +82,7 @@ __all__ = [
     "WorkerLost",
     "FlowAborted",
     "BudgetExhausted",
+    "InsecureAddress",
     "published_id",
     "ref_ext",
 ]

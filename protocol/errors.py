@@ -94,6 +94,11 @@ class BudgetExhausted(PermissionDenied):
     spent, and what is left."""
 
 
+class InsecureAddress(PermissionDenied):
+    """TLS is on, and an address would carry credentials or data in the clear: refused before
+    anything is sent."""
+
+
 class FlowAborted(SyftError):
     """Another party of the same protocol run failed or left: this party's part cannot finish.
     The message names that party and its error's type."""
@@ -138,6 +143,7 @@ _SYFT_ERRORS: dict[str, type[SyftError]] = {
         PointerNotResolved,
         FlowAborted,
         BudgetExhausted,
+        InsecureAddress,
     )
 }
 

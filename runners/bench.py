@@ -263,7 +263,10 @@ class _RawTcp(_RawClient):
         self.writer.close()
 
 
-async def _ours(worker: actors.RemoteWorker, repeats: int) -> dict[str, float]:
+def _measures(worker: actors.RemoteWorker) -> dict[str, Callable[[], Awaitable[float]]]:
+    """This project's transport measures on ``worker``: seconds per round trip, per pipelined
+    command, and for a 64 MiB tensor there and back."""
+
     async def round_trip() -> float:
         start = time.perf_counter()
         for _ in range(TRANSPORT_ROUND_TRIPS):
@@ -282,11 +285,38 @@ async def _ours(worker: actors.RemoteWorker, repeats: int) -> dict[str, float]:
         assert torch.equal(back, bulk_tensor), "bulk transfer corrupted the tensor"
         return elapsed
 
+    return {"rt_per_s": round_trip, "pipelined_per_s": pipelined, "mb_per_s": bulk}
+
+
+def _rates(us: dict[str, float], prefix: str = "") -> dict[str, float]:
+    """Median microseconds of the measures as rates: operations, or megabytes, per second."""
     return {
-        "rt_per_s": 1e6 / await _runs(round_trip, repeats),
-        "pipelined_per_s": 1e6 / await _runs(pipelined, repeats),
-        "mb_per_s": 2 * BULK_BYTES / 1e6 / (await _runs(bulk, max(3, repeats // 2)) / 1e6),
+        prefix + "rt_per_s": 1e6 / us["rt_per_s"],
+        prefix + "pipelined_per_s": 1e6 / us["pipelined_per_s"],
+        prefix + "mb_per_s": 2 * BULK_BYTES / 1e6 / (us["mb_per_s"] / 1e6),
     }
+
+
+async def _ours(worker: actors.RemoteWorker, repeats: int) -> dict[str, float]:
+    measures = _measures(worker)
+    bulk = measures.pop("mb_per_s")
+    us = {name: await _runs(fn, repeats) for name, fn in measures.items()}
+    us["mb_per_s"] = await _runs(bulk, max(3, repeats // 2))
+    return _rates(us)
+
+
+async def _ours_with_tls(
+    plain: actors.RemoteWorker, secure: actors.RemoteWorker, repeats: int
+) -> dict[str, float]:
+    """The measures on a plaintext and a TLS worker, in alternating rounds (:func:`_rounds`), so
+    that the cost of TLS is not the host's drift between two blocks of runs."""
+    plain_measures, secure_measures = _measures(plain), _measures(secure)
+    us: dict[str, float] = {}
+    for name in plain_measures:
+        pair = {"plain": plain_measures[name], "tls": secure_measures[name]}
+        figures = await _rounds(pair, max(3, repeats // 2) if name == "mb_per_s" else repeats)
+        us[name], us["tls_" + name] = figures["plain"], figures["tls"]
+    return {**_rates(us), **_rates({k[4:]: v for k, v in us.items() if k.startswith("tls_")}, "tls_")}
 
 
 async def _raw(client: _RawClient, repeats: int) -> dict[str, float]:
@@ -301,12 +331,24 @@ async def _raw(client: _RawClient, repeats: int) -> dict[str, float]:
     }
 
 
-async def bench_transport(repeats: int = 5) -> dict[str, dict[str, float]]:
-    """Per transport: this project's figures and the bare transport's, each in its own process."""
+async def bench_transport(repeats: int = 5, *, tls: bool = False) -> dict[str, dict[str, float]]:
+    """Per transport: this project's figures and the bare transport's, each in its own process.
+
+    With ``tls``, a second worker process serving over TLS (``wss://``, ``tls://``) is measured
+    beside the plaintext one in the same rounds: its figures are ``tls_*``, the plaintext ones
+    its reference.
+    """
     results: dict[str, dict[str, float]] = {}
     for kind, raw_client in (("ws", _RawWebSocket), ("tcp", _RawTcp)):
-        async with local_cluster(["bench"], transport=kind) as cluster:
-            ours = await _ours(cluster[0], repeats)
+        if tls:
+            async with (
+                local_cluster(["bench"], transport=kind) as cluster,
+                local_cluster(["bench"], transport=kind, tls=True) as secure,
+            ):
+                ours = await _ours_with_tls(cluster[0], secure[0], repeats)
+        else:
+            async with local_cluster(["bench"], transport=kind) as cluster:
+                ours = await _ours(cluster[0], repeats)
         process, address = await _echo_process(kind)
         client = raw_client()
         try:
@@ -320,15 +362,34 @@ async def bench_transport(repeats: int = 5) -> dict[str, dict[str, float]]:
     return results
 
 
+_LABELS = (("rt_per_s", "round trips/s, 1 in flight"),
+           ("pipelined_per_s", "pipelined commands/s"),
+           ("mb_per_s", "MB/s, 64 MiB there and back"))  # fmt: skip
+_SECURE = {"ws": "wss", "tcp": "tls"}
+
+
 def format_transport(results: dict[str, dict[str, float]]) -> str:
     lines = [
         "| transport | measure | aiosyft | raw transport | ratio |",
         "| --- | --- | ---: | ---: | ---: |",
     ]
     for kind, figures in results.items():
-        for key, label in (("rt_per_s", "round trips/s, 1 in flight"),
-                           ("pipelined_per_s", "pipelined commands/s"),
-                           ("mb_per_s", "MB/s, 64 MiB there and back")):  # fmt: skip
+        for key, label in _LABELS:
             ours, raw = figures[key], figures["raw_" + key]
             lines.append(f"| {kind} | {label} | {ours:,.0f} | {raw:,.0f} | {ours / raw:.2f} |")
+    secure = {kind: figures for kind, figures in results.items() if "tls_rt_per_s" in figures}
+    if secure:
+        lines += [
+            "",
+            "| transport | measure | aiosyft, TLS | aiosyft, plaintext | ratio | TLS cost |",
+            "| --- | --- | ---: | ---: | ---: | ---: |",
+        ]
+        for kind, figures in secure.items():
+            for key, label in _LABELS:
+                ours, plain = figures["tls_" + key], figures[key]
+                cost = round(100 * (1 - ours / plain)) or 0  # no "-0%"
+                lines.append(
+                    f"| {_SECURE.get(kind, kind)} | {label} | {ours:,.0f} | {plain:,.0f} "
+                    f"| {ours / plain:.2f} | {cost}% |"
+                )
     return "\n".join(lines)

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import math
 import os
+import ssl
 import sys
 import traceback
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from actors import ModelUpdates, Release, log
 from actors.identity import CLUSTER_SECRET_ENV, CREDENTIALS_ENV, Credentials, from_environment
 from actors.net import TRANSPORTS
 from actors.registry import command_sets
+from actors.tls import CA_ENV, CERT_ENV, KEY_ENV, TlsConfig
 from actors.worker import GRACE
 from privacy.dp import Sanitized
 from protocol import SyftError
@@ -179,6 +181,10 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("--host", default="127.0.0.1")
     launch.add_argument("--port", type=PORT, default=8777, help="first port; the next workers count up")
     launch.add_argument("--enable", help="command sets the workers serve (default: each worker's default)")
+    launch.add_argument(
+        "--tls", action="store_true",
+        help="mutual TLS on every link, with a throwaway CA and certificates for the workers and the leader",
+    )  # fmt: skip
 
     bench = commands.add_parser("bench", help="benchmarks, each beside its reference")
     suites = bench.add_subparsers(dest="suite", required=True)
@@ -188,6 +194,7 @@ def _parser() -> argparse.ArgumentParser:
     transport = suites.add_parser("transport", help="WebSocket and TCP workers beside the raw transports")
     transport.add_argument("--json", type=Path, help="also write the figures to this file")
     transport.add_argument("--repeats", type=POSITIVE, default=5, help="timed runs; the median is reported")
+    transport.add_argument("--tls", action="store_true", help="measure TLS too, beside plaintext")
     dp = suites.add_parser("dp", help="DP-SGD on the Boston MLP beside non-private plain PyTorch")
     dp.add_argument("--json", type=Path, help="also write the figures to this file")
     dp.add_argument("--repeats", type=POSITIVE, default=5, help="timed runs; the median is reported")
@@ -199,6 +206,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     spdz.add_argument("--repeats", type=POSITIVE, default=5, help="timed runs; the median is reported")
     spdz.add_argument("--transport", choices=TRANSPORTS, default="tcp")
+
+    fuzzing = commands.add_parser("fuzz", help="hostile frames at a live worker: crashes, hangs, leaks")
+    fuzzing.add_argument("--transport", choices=["virtual", "ws", "tcp", "all"], default="all")
+    fuzzing.add_argument("--frames", type=POSITIVE, default=100_000, help="per transport (%(default)s)")
+    fuzzing.add_argument("--seed", type=int, default=0, help="the same frames for the same seed")
+    fuzzing.add_argument("--json", type=Path, help="also write the figures to this file")
     return parser
 
 
@@ -225,6 +238,9 @@ def _worker_parser(commands: Commands) -> None:
         "--grace", type=NONNEGATIVE_FLOAT, default=GRACE,
         help="seconds an identity's objects outlive its last connection (default %(default)g)",
     )  # fmt: skip
+    worker.add_argument("--tls-ca", help=f"mutual TLS: the CA peers must come from (default: ${CA_ENV})")
+    worker.add_argument("--tls-cert", help=f"this worker's certificate chain, PEM (default: ${CERT_ENV})")
+    worker.add_argument("--tls-key", help=f"this worker's private key, PEM (default: ${KEY_ENV})")
     worker.add_argument("--threads", type=POSITIVE, default=1, help="torch threads (default 1)")
     worker.add_argument(
         "--spin-us", type=NONNEGATIVE_FLOAT, default=SPIN * 1e6,
@@ -321,6 +337,23 @@ def _check_worker(args: argparse.Namespace, refuse: Callable[[str], NoReturn]) -
             args.credentials = from_environment()[0]
         except (OSError, ValueError) as exc:
             refuse(f"${CREDENTIALS_ENV}: {exc}")
+    tls_files = {"--tls-ca": args.tls_ca, "--tls-cert": args.tls_cert, "--tls-key": args.tls_key}
+    if any(tls_files.values()):
+        missing = [name for name, value in tls_files.items() if not value]
+        if missing:
+            refuse(f"TLS needs --tls-ca, --tls-cert and --tls-key; {', '.join(missing)} not given")
+        args.tls = TlsConfig(args.tls_ca, args.tls_cert, args.tls_key)
+    else:
+        try:  # the environment's, as run_worker would read it
+            args.tls = TlsConfig.from_environment()
+        except ValueError as exc:
+            refuse(str(exc))
+    if args.tls is not None:
+        try:  # a missing file or a key that does not match its certificate: say so before serving
+            args.tls.server_context()
+            args.tls.client_context()
+        except (OSError, ssl.SSLError) as exc:
+            refuse(f"TLS: cannot load {args.tls}: {exc}")
     if args.credentials is None and not is_loopback(args.host) and not args.insecure:
         refuse(
             f"--host {args.host} listens beyond this machine, and without credentials any peer there "
@@ -373,6 +406,7 @@ def _run(args: argparse.Namespace) -> None:
                 spin=args.spin_us / 1e6,
                 enable=args.sets,
                 grace=args.grace,
+                tls=args.tls,
             )
         )
     elif args.command == "train":
@@ -396,13 +430,13 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command in ("table2", "pate"):
         _run_privacy(args)
     elif args.command == "launch":
-        asyncio.run(launch(args.ids, args.transport, args.host, args.port, args.sets))
+        asyncio.run(launch(args.ids, args.transport, args.host, args.port, args.sets, tls=args.tls))
     elif args.command == "bench" and args.suite == "pointers":
         result = asyncio.run(bench_pointers(args.repeats))
         print(format_pointers(result))
         write_json(result, args.json)
     elif args.command == "bench" and args.suite == "transport":
-        results = asyncio.run(bench_transport(args.repeats))
+        results = asyncio.run(bench_transport(args.repeats, tls=args.tls))
         print(format_transport(results))
         write_json(results, args.json)
     elif args.command == "bench" and args.suite == "dp":
@@ -417,6 +451,18 @@ def _run(args: argparse.Namespace) -> None:
         args.png.parent.mkdir(parents=True, exist_ok=True)
         plot_mpc(figures, args.png)
         print(f"chart: {args.png}")
+
+
+def _run_fuzz(args: argparse.Namespace) -> None:
+    """Exit status 1 when the fuzz found anything (a crash, hang, leak or violation)."""
+    from runners.fuzz import fuzz_command  # noqa: PLC0415 - it needs hypothesis, a dev dependency
+
+    transports = ["virtual", "ws", "tcp"] if args.transport == "all" else [args.transport]
+    if not args.verbose:  # a warning per bad frame otherwise
+        logging.getLogger("aiosyft").setLevel(logging.CRITICAL)
+    reports = asyncio.run(fuzz_command(transports, args.frames, args.seed, args.json))
+    if not all(report.ok for report in reports):
+        sys.exit(1)
 
 
 def _failure(exc: BaseException) -> BaseException | None:
@@ -441,7 +487,7 @@ def main(argv: list[str] | None = None) -> None:
     _check(parser, args)
     log.configure([logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)])
     try:
-        _run(args)
+        (_run_fuzz if args.command == "fuzz" else _run)(args)
     except KeyboardInterrupt:
         if args.verbose:
             traceback.print_exc()

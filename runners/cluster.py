@@ -42,6 +42,7 @@ from actors.identity import (
     new_secret,
 )
 from actors.log import get_logger, verbosity
+from actors.tls import TlsConfig, issue_certificates
 from actors.worker import GRACE
 from privacy.federated import publish_shard
 from protocol import WorkerLost
@@ -127,6 +128,7 @@ async def run_worker(
     spin: float = SPIN,
     enable: Iterable[str] | None = None,
     grace: float = GRACE,
+    tls: TlsConfig | None = None,
 ) -> None:
     """Serve one worker until SIGTERM, SIGINT or, when its standard input is a pipe, the end of it
     (the launcher is gone).
@@ -137,14 +139,16 @@ async def run_worker(
     publishes its shard as its own data, releasing ``releases`` (model updates by default; a
     sanitized release keeps its ledger where it says, across restarts). ``spin``: see
     :meth:`actors.Worker.note_waiting`; ``enable``: the command sets it serves; ``grace``: how
-    long a departed identity's objects are kept for it.
+    long a departed identity's objects are kept for it. ``tls`` (default: the ``$AIOSYFT_TLS_*``
+    configuration) serves on ``wss://``/``tls://`` and dials peers over TLS only.
     """
     warm_up(threads)
     env_credentials, env_secret = from_environment()
     credentials = credentials or env_credentials
     secret = secret or env_secret
+    tls = tls or TlsConfig.from_environment()
     worker = actors.Worker(
-        worker_id, credentials=credentials, secret=secret, spin=spin, enable=enable, grace=grace
+        worker_id, credentials=credentials, secret=secret, spin=spin, enable=enable, grace=grace, tls=tls
     )
     if data is not None:
         federation, shard, directory = data
@@ -204,6 +208,8 @@ class Cluster:
         #: The leader's own secret (identity :data:`LEADER`), and where the credentials live.
         self.secret: str | None = None
         self.directory: tempfile.TemporaryDirectory[str] | None = None
+        #: The leader's certificates when the workers were started with TLS.
+        self.tls: TlsConfig | None = None
 
     def __iter__(self) -> Iterator[actors.RemoteWorker]:
         return iter(self.workers)
@@ -229,9 +235,15 @@ async def start_processes(
     threads: int = 1,
     federation: Federation | None = None,
     enable: Iterable[str] | None = None,
+    tls: bool = False,
 ) -> Cluster:
     """Start one worker process per id (ports from ``port`` up, or free ports with 0); with a
-    ``federation``, worker k loads and holds shard k of its dataset."""
+    ``federation``, worker k loads and holds shard k of its dataset.
+
+    With ``tls``, a throwaway CA in the cluster's temporary directory certifies each worker and
+    the leader (:attr:`Cluster.tls`) for ``host`` and loopback; the workers serve over TLS only
+    and dial each other so. The CA's key is not kept: no other certificate can join later.
+    """
     cluster = Cluster()
     if LEADER in ids:
         raise ValueError(f"{LEADER!r} is the leader's identity; name the workers otherwise")
@@ -240,10 +252,17 @@ async def start_processes(
     cluster.directory = tempfile.TemporaryDirectory(prefix="aiosyft-")
     credentials = Path(cluster.directory.name) / "credentials"
     Credentials.write(credentials, secrets_by_id)
+    certificates: dict[str, TlsConfig] = {}
+    if tls:
+        hosts = dict.fromkeys([host, "127.0.0.1", "::1", "localhost"])
+        certificates = issue_certificates(Path(cluster.directory.name) / "tls", [LEADER, *ids], hosts)
+        cluster.tls = certificates[LEADER]
     try:
         for index, worker_id in enumerate(ids):
             env = {**os.environ, CREDENTIALS_ENV: str(credentials), IDENTITY_ENV: worker_id,
                    SECRET_ENV: secrets_by_id[worker_id], REPORT_ENV: "1"}  # fmt: skip
+            if tls:  # else a configuration in the environment (the leader's) is the workers' too
+                env.update(certificates[worker_id].environment())
             worker_port = port + index if port else 0
             command = [sys.executable, "-m", "runners.cli", *["-v"] * verbosity(), "worker", "--id",
                        worker_id, "--transport", transport, "--host", host, "--port", str(worker_port),
@@ -308,18 +327,22 @@ async def local_cluster(
     threads: int = 1,
     federation: Federation | None = None,
     enable: Iterable[str] | None = None,
+    tls: bool = False,
 ) -> AsyncIterator[Cluster]:
     """Worker processes on this machine, connected: ``async with local_cluster([...]) as c``.
 
     Leaving the block closes the connections and stops every process; none is left behind.
+    With ``tls`` every link (the leader's and the workers' among themselves) is mutual TLS.
     """
     cluster = await start_processes(
-        ids, transport, host=host, port=port, threads=threads, federation=federation, enable=enable
+        ids, transport, host=host, port=port, threads=threads, federation=federation, enable=enable, tls=tls
     )
     try:
         for worker_id in ids:
             address = cluster.addresses[worker_id]
-            cluster.workers.append(await actors.connect(address, identity=LEADER, secret=cluster.secret))
+            cluster.workers.append(
+                await actors.connect(address, identity=LEADER, secret=cluster.secret, tls=cluster.tls)
+            )
         yield cluster
     finally:
         for worker in cluster.workers:
@@ -328,15 +351,22 @@ async def local_cluster(
 
 
 async def launch(
-    ids: list[str], transport: str, host: str, port: int, enable: Iterable[str] | None = None
+    ids: list[str],
+    transport: str,
+    host: str,
+    port: int,
+    enable: Iterable[str] | None = None,
+    *,
+    tls: bool = False,
 ) -> None:
     """``aiosyft launch``: start the workers, print where they are and where the leader's
-    secret is, stop them all on a signal, or (raising :class:`WorkerLost`) when one exits."""
+    secret (and with ``tls``, its certificates) is, stop them all on a signal, or (raising
+    :class:`WorkerLost`) when one exits."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    cluster = await start_processes(ids, transport, host=host, port=port, enable=enable)
+    cluster = await start_processes(ids, transport, host=host, port=port, enable=enable, tls=tls)
     try:
         for worker_id, address in cluster.addresses.items():
             print(f"{worker_id} {address}", flush=True)
@@ -346,6 +376,9 @@ async def launch(
         with os.fdopen(fd, "w") as file:
             file.write(cluster.secret + "\n")
         print(f"connect as {IDENTITY_ENV}={LEADER} with {SECRET_ENV} from {secret_file}", flush=True)
+        if cluster.tls is not None:
+            exports = " ".join(f"{name}={value}" for name, value in cluster.tls.environment().items())
+            print(f"TLS: the leader's certificates: export {exports}", flush=True)
         print("ready; Ctrl-C stops every worker", flush=True)
         waiters = [asyncio.ensure_future(stop.wait())]
         waiters += [asyncio.ensure_future(p.wait()) for p in cluster.processes.values()]
