@@ -10,6 +10,10 @@ task may have died with an unhandled error. The transports' own layers (TCP reco
 message types) get garbage too. Then the soak: several clients pipeline hundreds of commands
 each to one worker, and every reply arrives exactly once, with that client's value.
 
+The capture, the mutators, the strategies and the checks after each batch live in
+``runners/fuzz.py``: ``aiosyft fuzz`` runs them at 100k frames per transport against a worker
+with another identity's objects, shares and flows (``tests/test_fuzz.py`` runs it short).
+
 ``test_another_identity_cannot_hold_up_an_owners_object`` pins down what the fuzz found: another
 identity can park a command on my object and make my next operation on it wait.
 """
@@ -21,7 +25,6 @@ import collections
 import contextlib
 import dataclasses
 import gc
-import itertools
 import random
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -34,31 +37,22 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import actors
-from actors.pointer import call
 from actors.ws import ID_HEADER
-from protocol import (
-    PROTOCOL_VERSION,
-    Codec,
-    Command,
-    Delete,
-    Error,
-    Expect,
-    Forward,
-    Get,
-    ObjRef,
-    Ping,
-    Reply,
-    Store,
-    published_id,
+from protocol import PROTOCOL_VERSION, Codec, Command, Error, Expect, ObjRef, Ping, Reply, published_id
+from protocol.codec import FrameBuilder
+from runners.fuzz import (
+    FUZZER,
+    LEGIT,
+    capture,
+    check_serving,
+    encoded,
+    mutated_frames,
+    raw,
+    structured,
+    virtual_peer,
 )
-from protocol.allowlist import COMMANDS
-from protocol.codec import MAGIC, PREFIX, FrameBuilder
 from tests.conftest import CREDENTIALS, TRANSPORTS, bounded, connect_as, secret_of, worker_in_hand
 
-FUZZER = "fuzzer"
-PEER = "fuzz-peer"
-#: A legitimate client's tensor on the fuzzed worker; the fuzzer must never change what it gives.
-LEGIT = torch.tensor([[1.5, -2.0, 3.25], [0.5, 4.0, -1.0]])
 #: Seconds one batch (sending it, and the checks after it) may take before the test fails; a
 #: batch takes milliseconds.
 BATCH_TIMEOUT = 5.0
@@ -81,61 +75,9 @@ class Live:
     loop_errors: list[dict[str, Any]]
 
 
-@contextlib.contextmanager
-def _recording(worker: actors.RemoteWorker) -> Iterator[list[bytes]]:
-    """Every frame this link writes while inside, as bytes."""
-    frames: list[bytes] = []
-    transport = worker.connection.transport
-    write = transport.write
-
-    def recorded(frame: Any) -> None:
-        frames.append(bytes(frame))
-        write(frame)
-
-    transport.write = recorded
-    try:
-        yield frames
-    finally:
-        del transport.write
-
-
-async def _capture(
-    fuzzer: actors.RemoteWorker, peer: actors.RemoteWorker
-) -> tuple[list[bytes], list[actors.PointerTensor]]:
-    """A small but real session of the fuzzing client: sends, commands (pipelined, failing,
-    with keyword arguments and slices), gets of each mode, a move to a peer, deletes, pings.
-    Returns the frames and the pointers still alive (their objects stay on the worker)."""
-    with _recording(fuzzer) as frames:
-        t = torch.arange(6.0).reshape(2, 3)
-        x = actors.send(t, fuzzer)
-        w = actors.send(torch.tensor([1, 0, 2]), fuzzer)
-        y = (x * 2 + 1).sum(dim=1)
-        z = torch.add(x, y.unsqueeze(1))[:, 1:]
-        await y.fetch()
-        await z
-        assert torch.equal(await z.get(), torch.add(t, (t * 2 + 1).sum(dim=1).unsqueeze(1))[:, 1:])
-        bad = call(fuzzer, "torch.mm", [x, x])
-        with pytest.raises(RuntimeError):
-            await bad
-        moving = actors.send(torch.ones(2), fuzzer)
-        moving.move(peer)
-        assert torch.equal(await moving.get(), torch.ones(2))
-        gathered = call(fuzzer, "torch.index_select", [x, 1, w])
-        await gathered.resolve()
-        await fuzzer.ping()
-        del bad, z
-        gc.collect()
-        await asyncio.sleep(0)  # the batched DELETE leaves now, and is captured
-        await fuzzer.ping()
-    return frames, [x, w, y, gathered]
-
-
 def _peer() -> actors.VirtualWorker:
-    """A second worker the fuzzing client moves an object to (a FORWARD to capture); virtual, so
-    that a mutated address can only ever name nothing."""
-    return actors.VirtualWorker(
-        PEER, local_id=FUZZER, local_secret=secret_of(FUZZER), credentials=CREDENTIALS, secret=secret_of(PEER)
-    )
+    """A second worker the fuzzing client moves an object to (a FORWARD to capture)."""
+    return virtual_peer(secret_of, CREDENTIALS)
 
 
 @pytest.fixture(params=TRANSPORTS)
@@ -150,7 +92,7 @@ async def live(request: pytest.FixtureRequest) -> AsyncIterator[Live]:
             fuzzer = await connect_as(actor, FUZZER)
             try:
                 async with asyncio.timeout(BATCH_TIMEOUT):
-                    corpus, held = await _capture(fuzzer, peer)
+                    corpus, held = await capture(fuzzer, peer)
                     legit = actors.send(LEGIT, me)
                     await legit
                 known = [*(p.id for p in held), legit.id, published_id("x")]
@@ -164,141 +106,12 @@ async def live(request: pytest.FixtureRequest) -> AsyncIterator[Live]:
         loop.set_exception_handler(previous)
 
 
-# -- strategies -------------------------------------------------------------------------------------
-#: Bytes that mean something to msgpack or to the frame prefix.
-INTERESTING = [0x00, 0x01, 0x7F, 0x80, 0x90, 0x93, 0x9F, 0xC0, 0xC1, 0xC2, 0xC3, 0xC4, 0xC7, 0xCC, 0xCF,
-               0xD0, 0xD3, 0xD4, 0xD8, 0xD9, 0xDC, 0xDD, 0xDE, 0xDF, 0xE0, 0xFF]  # fmt: skip
-_mutation = st.one_of(
-    st.tuples(st.just("flip"), st.integers(0, 1 << 16), st.integers(0, 7)),
-    st.tuples(st.just("set"), st.integers(0, 1 << 16), st.sampled_from(INTERESTING)),
-    st.tuples(st.just("insert"), st.integers(0, 1 << 16), st.binary(min_size=1, max_size=8)),
-    st.tuples(st.just("delete"), st.integers(0, 1 << 16), st.integers(1, 16)),
-    st.tuples(st.just("duplicate"), st.integers(0, 1 << 16), st.integers(1, 32)),
-    st.tuples(st.just("cut"), st.integers(0, 1 << 16), st.just(0)),
-)
-
-
-def _mutate(frame: bytes, mutations: list[tuple[str, int, Any]], in_header: bool) -> bytes:
-    """``frame`` with ``mutations`` applied in order, at positions taken modulo the header's end
-    (``in_header``: where the structure is) or the frame's."""
-    data = bytearray(frame)
-    for op, position, arg in mutations:
-        if not data:
-            break
-        end = len(data)
-        if in_header and len(data) >= PREFIX.size:
-            end = min(end, PREFIX.size + PREFIX.unpack_from(data)[4]) or end
-        i = position % end
-        if op == "flip":
-            data[i] ^= 1 << arg
-        elif op == "set":
-            data[i] = arg
-        elif op == "insert":
-            data[i:i] = arg
-        elif op == "delete":
-            del data[i : i + arg]
-        elif op == "duplicate":
-            data[i:i] = data[i : i + arg]
-        else:
-            del data[i:]
-    return bytes(data)
-
-
-@st.composite
-def _mutated_frames(draw: st.DrawFn, corpus: list[bytes]) -> bytes:
-    frame = draw(st.sampled_from(corpus))
-    if draw(st.integers(0, 9)) == 0:  # splice: the head of one frame on the tail of another
-        other = draw(st.sampled_from(corpus))
-        return frame[: draw(st.integers(0, len(frame)))] + other[draw(st.integers(0, len(other))) :]
-    mutations = draw(st.lists(_mutation, min_size=0, max_size=4))
-    return _mutate(frame, mutations, in_header=draw(st.integers(0, 4)) > 0)
-
-
-#: Operations for the messages Hypothesis builds: all take small arguments, so no random
-#: argument can ask the worker for gigabytes (that is a resource limit, not what this tests).
-_OPS = sorted(
-    op for op in COMMANDS
-    if op.split(".")[-1] in {"add", "mul", "sub", "neg", "sum", "mean", "sigmoid", "relu", "t", "reshape",
-                             "view", "getitem", "__getitem__", "index_select", "matmul", "float", "long",
-                             "clone", "detach", "item", "tolist", "softmax", "add_", "zero_", "backward",
-                             "requires_grad_", "cat", "stack", "where", "gather", "sgd_step", "zero_grad",
-                             "grad", "set_grad", "clamp", "max", "argmax", "unsqueeze", "squeeze"}
-)  # fmt: skip
-_small_tensors = st.builds(
-    lambda values, dtype: torch.tensor(values, dtype=dtype),
-    st.lists(st.floats(-4, 4, allow_nan=False, width=32), min_size=0, max_size=6),
-    st.sampled_from([torch.float32, torch.float64, torch.int64, torch.bool]),
-)
-
-
-def _structured(known_ids: list[int]) -> st.SearchStrategy[list[Any]]:
-    """Messages of every kind a client sends, well formed but aimed anywhere: refs to objects
-    that exist (some of them another identity's) or not, odd modes, owners and labels."""
-    ids = st.one_of(st.sampled_from(known_ids), st.integers(0, (1 << 64) - 1))
-    leaves = st.one_of(
-        st.integers(-3, 8), st.floats(-4, 4, allow_nan=False), st.booleans(), st.none(), st.text(max_size=4),
-        ids.map(ObjRef), _small_tensors, st.builds(slice, st.integers(-2, 3) | st.none(), st.integers(-2, 3)),
-    )  # fmt: skip
-    args = st.lists(st.recursive(leaves, lambda inner: st.lists(inner, max_size=3), max_leaves=6), max_size=4)
-    kwargs = st.none() | st.dictionaries(
-        st.sampled_from(["dim", "alpha", "lr", "out", "keepdim"]), leaves, max_size=2
-    )
-    msg_id, sender = st.integers(0, 1 << 40), st.sampled_from([FUZZER, FUZZER, FUZZER, "me", ""])
-    return st.one_of(
-        st.builds(Command, msg_id, sender, ids, st.sampled_from(_OPS) | st.text(max_size=12), args, kwargs),
-        st.builds(Store, msg_id, sender, ids, leaves, st.none() | st.sampled_from(["me", FUZZER, PEER]),
-                  st.none() | st.lists(st.lists(st.text(max_size=6), max_size=3), max_size=2)),
-        st.builds(Get, msg_id, sender, ids, st.integers(-1, 3)),
-        st.builds(Delete, msg_id, sender, st.lists(ids, max_size=4)),
-        st.builds(Expect, msg_id, sender, st.lists(ids, max_size=3), st.sampled_from([PEER, "me", "nobody"])),
-        st.builds(Forward, msg_id, sender, st.lists(ids, max_size=2), st.sampled_from([PEER, "me"]),
-                  st.sampled_from([f"virtual://{PEER}", "virtual://nobody", "nonsense"]),
-                  st.lists(ids, max_size=2), st.booleans()),
-        st.builds(Ping, msg_id, sender),
-    ).map(lambda message: [message])  # fmt: skip
-
-
-def _encoded(messages: list[Any]) -> bytes | None:
-    """The frame FrameBuilder makes of ``messages``; ``None`` where it refuses one (it only
-    sends what it can encode, and that refusal is the codec's business, tested elsewhere)."""
-    builder = FrameBuilder()
-    try:
-        for message in messages:
-            builder.add(message)
-        return bytes(builder.build())
-    except Exception:
-        return None
-
-
-_raw = st.one_of(
-    st.binary(max_size=64),
-    st.binary(max_size=48).map(lambda body: PREFIX.pack(MAGIC, PROTOCOL_VERSION, 0, 1, len(body)) + body),
-)
-
-
 # -- the fuzz test ---------------------------------------------------------------------------------
-#: Message ids for the checks' pings, far above the fuzz's (hypothesis draws them below 2**40,
-#: the captured frames' are the link's own small ones).
-_CHECK_IDS = itertools.count(1 << 62)
-
-
 async def _check_still_serving(live: Live) -> None:
     """The worker answers the fuzzing link (after everything it sent), the legitimate client's
-    object is intact and computes the right value, and nothing died unhandled.
-
-    The ping goes as a hand-made frame with a message id from far above anything the fuzz
-    sends: a fuzzed message reusing the id of the link's own next question would otherwise
-    have its error taken for that question's answer (the sender's confusion, not the worker's).
-    """
-    msg_id = next(_CHECK_IDS)
-    frame = Codec().encode(Ping(msg_id, FUZZER))
-    status = await live.fuzzer.connection.request_frame(frame, msg_id)
-    assert status["id"] == live.actor.id
-    assert live.fuzzer.connection.lost is None
-    assert torch.equal(await (live.legit * 2 + 1).get(), LEGIT * 2 + 1)
-    assert torch.equal(await live.legit.fetch(), LEGIT)
-    assert all(not session.task.done() for session in live.actor.sessions), "a session task died"
-    assert live.loop_errors == [], live.loop_errors[:3]
+    object is intact and computes the right value, and nothing died unhandled (the checks
+    ``aiosyft fuzz`` runs after every batch, :func:`runners.fuzz.check_serving`)."""
+    await check_serving(live.actor, live.fuzzer, live.legit, live.loop_errors)
 
 
 @settings(
@@ -324,13 +137,13 @@ async def test_a_live_worker_survives_mutated_and_random_frames(live: Live, data
     for _ in range(data.draw(st.integers(20, 30), label="batch size")):
         source = data.draw(st.integers(0, 9), label="source")
         if source < 6:
-            frames.append(data.draw(_mutated_frames(live.corpus), label="mutated"))
+            frames.append(data.draw(mutated_frames(live.corpus), label="mutated"))
         elif source < 9:
-            frame = _encoded(data.draw(_structured(live.known_ids), label="structured"))
+            frame = encoded(data.draw(structured(live.known_ids), label="structured"))
             if frame is not None:
                 frames.append(frame)
         else:
-            frames.append(data.draw(_raw, label="raw"))
+            frames.append(data.draw(raw, label="raw"))
     async with asyncio.timeout(BATCH_TIMEOUT):
         connection = live.fuzzer.connection
         connection.flush()
@@ -349,7 +162,7 @@ async def test_replayed_captured_frames_leave_the_worker_serving(transport: str)
         peer = _peer()
         fuzzer = await connect_as(actor, FUZZER)
         try:
-            corpus, held = await _capture(fuzzer, peer)
+            corpus, held = await capture(fuzzer, peer)
             shuffled = corpus * 3
             random.Random(7).shuffle(shuffled)
             for frame in shuffled:
