@@ -419,7 +419,7 @@ class Dispatch:
         if self.tails:
             if type(result_id) is not int:
                 raise MalformedMessage("a command's result id must be an integer")
-            if result_id > RANDOM_ID_LIMIT or self.store.owners.get(result_id, sender) != sender:
+            if not 0 <= result_id <= RANDOM_ID_LIMIT or self.store.owners.get(result_id, sender) != sender:
                 self.check_may_write(result_id, sender)  # refused now, not after it waited
             reads = refs_in(args, []) if type(args) is list else []
             if kwargs:
@@ -464,7 +464,7 @@ class Dispatch:
         objects, owners, labels = store.objects, store.owners, store.labels
         if type(result_id) is not int:
             raise MalformedMessage("a command's result id must be an integer")
-        if result_id > RANDOM_ID_LIMIT or owners.get(result_id, sender) != sender:
+        if not 0 <= result_id <= RANDOM_ID_LIMIT or owners.get(result_id, sender) != sender:
             self.check_may_write(result_id, sender)
         label = EMPTY
         ids: list[int] = []
@@ -744,6 +744,7 @@ class Dispatch:
             ):
                 raise BadArguments(f"{spec.name} is a flow: start it with actors.start_flow")
             flow_id, parties = flow[0], {str(k): str(v) for k, v in flow[1].items()}
+            worker.flows.started(flow_id, parties)
         ctx = Context(
             worker, sender, message.msg_id, result_id, label=label, flow_id=flow_id, parties=parties
         )
@@ -820,16 +821,28 @@ class Dispatch:
 
     # -- other messages ---------------------------------------------------------------------
     def check_may_write(self, obj_id: int, sender: str) -> None:
-        """Only the worker publishes under published ids, and nobody replaces another's object."""
+        """Only the worker publishes under published ids, only the worker uses negative ids (its
+        sessions' barriers: guessable, and whoever owned one could hold up that session), and
+        nobody replaces another's object."""
         if obj_id > RANDOM_ID_LIMIT:
             raise self.policy.refuse(
                 obj_id, sender, f"write under an id reserved for {self.worker.id}'s own data"
             )
+        if obj_id < 0:
+            raise self.policy.refuse(obj_id, sender, "write under a negative id, reserved for the worker")
         owner = self.store.owners.get(obj_id)
         if owner is None and obj_id in self.arrivals:
             owner = self.arrivals[obj_id].owner
         if owner is not None and owner != sender:
             raise self.policy.refuse(obj_id, sender, f"replace an object of {owner}")
+
+    def label_from(self, raw: Any, sender: str, obj_id: int | None = None) -> Label:
+        """A label as ``sender`` sent it; one that cannot be read is refused, as every refusal
+        is, through the policy (logged and counted by the owner)."""
+        try:
+            return label_from_wire(raw)
+        except PermissionDenied as exc:
+            raise self.policy.refuse(obj_id, sender, f"send {exc}") from None
 
     def on_store(self, session: Session, message: Store) -> None:
         self.store_from(session.identity, message)
@@ -841,7 +854,7 @@ class Dispatch:
         owner = message.owner if type(message.owner) is str else sender
         if owner == self.worker.id:
             raise self.policy.refuse(obj_id, sender, f"make an object {self.worker.id}'s own data")
-        label = label_from_wire(message.label)
+        label = self.label_from(message.label, sender, obj_id)
         arrival = self.arrivals.get(obj_id)
         if owner != sender:  # on another's behalf: only where that identity announced it from us
             if arrival is None:
@@ -1109,11 +1122,14 @@ class Dispatch:
             for flow_id, tag, _, _ in entries:  # all of it is readable, or none of it is taken
                 if type(flow_id) is not int or type(tag) is not str or tag.startswith("!"):
                     raise MalformedMessage("a FLOW batch entry needs an integer flow id and a flow's tag")
-            labels = [label_from_wire(label) for *_, label in entries]
+            labels = [self.label_from(label, session.identity) for *_, label in entries]
             for (flow_id, tag, value, _), label in zip(entries, labels, strict=True):
                 self.worker.flows.deliver(session.identity, flow_id, tag, value, label)
             return
-        label = label_from_wire(message.label)
+        label = self.label_from(message.label, session.identity)
+        if message.tag == ABORT and not self.worker.flows.may_abort(message.flow_id, session.identity):
+            rule = f"abort run {message.flow_id:#x}, not being its party"
+            raise self.policy.refuse(None, session.identity, rule)
         self.worker.flows.deliver(session.identity, message.flow_id, message.tag, message.value, label)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import copy
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from actors.log import get_logger
@@ -29,7 +30,8 @@ if TYPE_CHECKING:
 
 #: The keyword that carries a run's id and parties; a flow never sees it as an argument.
 FLOW_OPTION = "flow"
-#: Messages kept for flows that have not asked for them yet, per worker.
+#: Messages kept for flows that have not asked for them yet, per sending identity: one that
+#: sends many cannot crowd out the others'.
 EARLY_LIMIT = 65536
 #: The tag a failed party's worker tells the others with (flows' own tags may not start with "!").
 ABORT = "!abort"
@@ -48,7 +50,11 @@ class FlowRouter:
         self.limit = limit
         self._waiting: dict[_Key, asyncio.Future[tuple[Any, Label]]] = {}
         self._early: dict[_Key, collections.deque[tuple[Any, Label]]] = {}
-        self._early_count = 0
+        self._early_counts: collections.Counter[str] = collections.Counter()
+        #: Each run's parties, while it runs here: only they may abort it.
+        self._runs: dict[int, frozenset[str]] = {}
+        #: Aborts for runs not started here yet: kept (boundedly) until the run says who its parties are.
+        self._pending_aborts: dict[int, list[tuple[str, str]]] = {}
         #: Runs a party gave up on: flow id -> the error their receives get.
         self._aborted: dict[int, SyftError] = {}
         self.worker_id = worker_id
@@ -82,20 +88,25 @@ class FlowRouter:
             raise MalformedMessage(f"flow tag {tag!r} is reserved")
         if tag == ABORT:
             reason = value if isinstance(value, str) else "failed"
-            self.abort(flow_id, FlowAborted(f"{sender}, a party of this run, {reason[:200]}"))
+            if flow_id in self._runs:
+                self.abort(flow_id, FlowAborted(f"{sender}, a party of this run, {reason[:200]}"))
+            else:  # who may abort it is known once the run starts here
+                self._pending_aborts.setdefault(flow_id, []).append((sender, reason[:200]))
+                while len(self._pending_aborts) > ABORTED_LIMIT:
+                    del self._pending_aborts[next(iter(self._pending_aborts))]
             return
         key = (flow_id, sender, tag)
         waiter = self._waiting.pop(key, None)
         if waiter is not None and not waiter.done():
             waiter.set_result((value, label))
             return
-        if self._early_count >= self.limit:
+        if self._early_counts[sender] >= self.limit:
             self.log.warning(
                 "flow message dropped: too many waiting", sender=sender, flow_id=flow_id, tag=tag
             )
             return
         self._early.setdefault(key, collections.deque()).append((value, label))
-        self._early_count += 1
+        self._early_counts[sender] += 1
 
     def receive(self, flow_id: int, party: str, tag: str) -> asyncio.Future[tuple[Any, Label]]:
         key = (flow_id, party, tag)
@@ -103,7 +114,7 @@ class FlowRouter:
         early = self._early.get(key)
         if early:
             future.set_result(early.popleft())
-            self._early_count -= 1
+            self._early_counts[party] -= 1
             if not early:
                 del self._early[key]
             return future
@@ -115,6 +126,21 @@ class FlowRouter:
             raise RuntimeError(f"flow {flow_id:#x} already waits for {tag!r} from {party}")
         self._waiting[key] = future
         return future
+
+    def started(self, flow_id: int, parties: Iterable[str]) -> None:
+        """Run ``flow_id`` starts here with ``parties``: aborts that came first count now, if a
+        party sent them."""
+        members = self._runs[flow_id] = frozenset(parties)
+        for sender, reason in self._pending_aborts.pop(flow_id, ()):
+            if sender in members:
+                self.abort(flow_id, FlowAborted(f"{sender}, a party of this run, {reason}"))
+                break
+
+    def may_abort(self, flow_id: int, sender: str) -> bool:
+        """Whether ``sender`` may abort run ``flow_id``: a party of it (or, before the run starts
+        here, anyone: the abort waits until the run names its parties)."""
+        parties = self._runs.get(flow_id)
+        return parties is None or sender in parties
 
     def abort(self, flow_id: int, error: SyftError) -> None:
         """Another party of run ``flow_id`` gave up: what this worker's part waits for, and
@@ -134,10 +160,25 @@ class FlowRouter:
 
     def forget(self, flow_id: int) -> None:
         """A run ended on this worker: drop what it left (messages nobody will ask for)."""
+        self._runs.pop(flow_id, None)
+        self._pending_aborts.pop(flow_id, None)
         for key in [k for k in self._early if k[0] == flow_id]:
-            self._early_count -= len(self._early.pop(key))
+            self._early_counts[key[1]] -= len(self._early.pop(key))
         for key in [k for k in self._waiting if k[0] == flow_id]:
             self._waiting.pop(key).cancel()
+
+    def forget_sender(self, identity: str) -> None:
+        """``identity`` is gone for good (its grace period is over): what it sent for runs that
+        never asked is let go, and its pending aborts with it."""
+        for key in [k for k in self._early if k[1] == identity]:
+            del self._early[key]
+        self._early_counts.pop(identity, None)
+        for flow_id in list(self._pending_aborts):
+            kept = [entry for entry in self._pending_aborts[flow_id] if entry[0] != identity]
+            if kept:
+                self._pending_aborts[flow_id] = kept
+            else:
+                del self._pending_aborts[flow_id]
 
 
 def start_flow(

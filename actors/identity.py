@@ -93,11 +93,16 @@ class Credentials:
         """The identities a file lists (``None`` for a cluster secret: any may be derived)."""
         return sorted(self._hashes) if self._hashes is not None else None
 
-    def verify(self, identity: str, secret: object) -> bool:
-        if not isinstance(secret, str) or not secret:
+    def verify(self, identity: object, secret: object) -> bool:
+        if not isinstance(identity, str) or not isinstance(secret, str) or not secret:
             return False
-        if self._cluster is not None:
-            return hmac.compare_digest(derive_secret(self._cluster, identity), secret)
+        try:  # a header aiohttp could not decode carries surrogates: no identity of ours
+            given = secret.encode()
+            identity.encode()
+        except UnicodeEncodeError:
+            return False
+        if self._cluster is not None:  # bytes: compare_digest takes str only when it is ASCII
+            return hmac.compare_digest(derive_secret(self._cluster, identity).encode(), given)
         assert self._hashes is not None
         expected = self._hashes.get(identity)
         given = _digest(secret)

@@ -269,6 +269,7 @@ class Worker:
         """The grace period is over: free everything ``identity`` owned or had announced."""
         self._departures.pop(identity, None)
         freed = self.dispatch.forget(identity)
+        self.flows.forget_sender(identity)
         self.log.info("identity gone, its objects freed", identity=identity, objects=freed)
 
     def authenticate(self, identity: Any, secret: Any) -> bool:

@@ -288,7 +288,13 @@ def make_app(worker: Worker) -> web.Application:
         if guard is not None:
             guard.authenticated()
         ws = web.WebSocketResponse(max_msg_size=max_frame_size, compress=False)
-        await ws.prepare(request)
+        try:
+            await ws.prepare(request)
+        except ValueError as exc:  # aiohttp reads Sec-WebSocket-Key as text and may fail on it
+            log.warning("connection refused", peer=str(request.remote), identity=peer_id, reason=str(exc))
+            refused = web.Response(status=400, text="unreadable WebSocket handshake")
+            refused.force_close()
+            return refused
         outbox = _Outbox(ws)
         session = worker.open_session(peer_id, outbox.send)
         session.flow = outbox.flow

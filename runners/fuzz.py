@@ -121,16 +121,7 @@ TRANSPORT_NAMES = ("virtual", "ws", "tcp")
 #: in ``tests/test_fuzz.py`` (named here): the pattern the finding's lines in a report match. The
 #: reports still count them as failures; the short fuzz in the tests fails only on anything else,
 #: and a fix turns its xfail test into a failure until the entry here is removed.
-KNOWN_FINDINGS: dict[str, str] = {
-    "test_a_secret_with_non_ascii_characters_is_refused_not_raised": r"non-ASCII characters",
-    "test_a_refused_label_is_logged_by_the_owner": r"never logged \(a malformed label\)",
-    "test_a_departed_identitys_early_flow_messages_are_let_go": r"early flow messages kept after",
-    "test_only_a_party_of_a_run_can_abort_it": r"flow 0x[0-9a-f]+ stopped waiting",
-    "test_an_upgrade_with_a_non_ascii_key_is_answered_400": r"string argument should contain only ASCII",
-    "test_no_identity_can_store_under_a_sessions_barrier_id": r"object -0x[0-9a-f]+ on \S+: me may not",
-    # Some of these are aiohttp's own (an error text quoting a header it could not decode).
-    "test_an_identity_header_that_is_not_utf8_is_answered_401": r"surrogates not allowed",
-}
+KNOWN_FINDINGS: dict[str, str] = {}
 
 
 # -- frames from a real run -------------------------------------------------------------------

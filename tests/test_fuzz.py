@@ -5,8 +5,9 @@ with a victim's objects, shares and pending flow, a fuzzer that knocks before au
 and then pipelines mutated captured frames and Hypothesis-built messages at the victim's ids.
 It asserts what the script reports: no crash, no hang, no leak, no data leaked, no
 authentication bypass, the victim untouched, and every PermissionDenied the fuzzer got logged
-by the owner. Findings not fixed yet (``runners.fuzz.KNOWN_FINDINGS``) are pinned below by one
-strict xfail test each; the short fuzz fails on anything else.
+by the owner. Below, one test per bug the long runs found (all fixed): each failed before its fix.
+Findings not fixed yet would go in ``runners.fuzz.KNOWN_FINDINGS``, each pinned by a strict
+xfail test; the short fuzz fails on anything else.
 """
 
 from __future__ import annotations
@@ -95,13 +96,7 @@ def test_the_report_is_a_table_and_json_ready() -> None:
     assert report.ok and report.unexplained() == []
 
 
-# -- what the long runs found ---------------------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="Credentials.verify compares with hmac.compare_digest on str, which raises TypeError for "
-    "a non-ASCII secret: the TCP handshake dies with an unhandled error (asyncio's 'Fatal error: "
-    "protocol.buffer_updated() call failed'), the virtual dialer raises it to the caller",
-)
+# -- what the long runs found, fixed ----------------------------------------------------------
 @bounded(10)
 async def test_a_secret_with_non_ascii_characters_is_refused_not_raised() -> None:
     loop = asyncio.get_running_loop()
@@ -124,11 +119,6 @@ async def test_a_secret_with_non_ascii_characters_is_refused_not_raised() -> Non
         loop.set_exception_handler(previous)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a STORE whose label is malformed is refused with PermissionDenied by label_from_wire, "
-    "which raises it directly instead of through Policy.refuse: the owner neither logs nor counts it",
-)
 @bounded(10)
 async def test_a_refused_label_is_logged_by_the_owner() -> None:
     async with worker_in_hand("virtual", "labels") as (_, actor):
@@ -145,13 +135,6 @@ async def test_a_refused_label_is_logged_by_the_owner() -> None:
             await mallory.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FlowRouter keeps FLOW messages for runs that never ask for them (up to EARLY_LIMIT, "
-    "65536 per worker, shared by every identity) and lets them go only when that run ends: an "
-    "identity that leaves keeps its messages there for good, and one that fills the buffer makes "
-    "the worker drop every other identity's early flow messages",
-)
 @bounded(10)
 async def test_a_departed_identitys_early_flow_messages_are_let_go() -> None:
     async with worker_in_hand("virtual", "early", grace=0.0) as (me, actor):
@@ -167,11 +150,6 @@ async def test_a_departed_identitys_early_flow_messages_are_let_go() -> None:
         assert kept == 0, f"{kept} of mallory's flow messages are still kept after she left"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FlowRouter.deliver takes the reserved '!abort' tag from any authenticated identity, party "
-    "of the run or not: whoever knows (or guesses) a run's id can end another identity's run",
-)
 @bounded(10)
 async def test_only_a_party_of_a_run_can_abort_it() -> None:
     peer = actors.VirtualWorker(
@@ -217,12 +195,6 @@ async def _upgrade_answer(address: str, key: bytes, secret: bytes) -> bytes:
         writer.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="aiohttp's handshake base64-decodes Sec-WebSocket-Key as str and raises ValueError on a "
-    "non-ASCII key (inside ws.prepare, after authentication): the worker answers 500 and logs an "
-    "unhandled exception instead of refusing the request",
-)
 @bounded(10)
 async def test_an_upgrade_with_a_non_ascii_key_is_answered_400() -> None:
     async with worker_in_hand("ws", "ws-key") as (me, actor):
@@ -232,7 +204,6 @@ async def test_an_upgrade_with_a_non_ascii_key_is_answered_400() -> None:
         await me.ping()
 
 
-@pytest.mark.xfail(strict=True, reason="as above, over WebSocket: the upgrade handler answers 500")
 @bounded(10)
 async def test_a_non_ascii_bearer_secret_is_answered_401_over_websocket() -> None:
     async with worker_in_hand("ws", "ws-bearer") as (me, actor):
@@ -241,13 +212,6 @@ async def test_a_non_ascii_bearer_secret_is_answered_401_over_websocket() -> Non
         await me.ping()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an identity may STORE an object under a negative id: the ids the worker uses as its "
-    "sessions' barriers (-1, -2, ...: guessable). Owned by the intruder, another session's barrier "
-    "makes that session's next parked or barrier-reading command refused ('me may not: use an "
-    "object of fuzzer'); the 100k tcp fuzz hit it at frame ~75000 and every check after failed",
-)
 @bounded(10)
 async def test_no_identity_can_store_under_a_sessions_barrier_id() -> None:
     async with worker_in_hand("virtual", "barrier") as (_, actor):
@@ -265,12 +229,6 @@ async def test_no_identity_can_store_under_a_sessions_barrier_id() -> None:
             await mallory.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Credentials.verify derives the expected secret from the identity with str.encode, which "
-    "raises UnicodeEncodeError on an X-Aiosyft-Id header that is not UTF-8 (aiohttp decodes headers "
-    "with surrogateescape): the upgrade handler answers 500 with an unhandled exception",
-)
 @bounded(10)
 async def test_an_identity_header_that_is_not_utf8_is_answered_401() -> None:
     async with worker_in_hand("ws", "ws-id") as (me, actor):
