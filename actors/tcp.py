@@ -73,6 +73,7 @@ class FrameStream(asyncio.BufferedProtocol):
         self._end = 0
         self._large: bytearray | None = None
         self._large_filled = 0
+        self._large_length = 0  # what the record announced; the buffer grows towards it
         self._held = False
         self.closed: BaseException | None = None
 
@@ -125,8 +126,11 @@ class FrameStream(asyncio.BufferedProtocol):
         self.flow.resume()
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self._large is not None:
-            return memoryview(self._large)[self._large_filled :]
+        large = self._large
+        if large is not None:
+            if self._large_filled == len(large):  # full so far: double it, up to the record
+                large.extend(bytes(min(len(large), self._large_length - len(large))))
+            return memoryview(large)[self._large_filled :]
         if self._end == len(self._buffer):  # full: move the incomplete record to the front
             pending = self._end - self._start
             self._buffer[:pending] = self._buffer[self._start : self._end]
@@ -137,7 +141,7 @@ class FrameStream(asyncio.BufferedProtocol):
         large = self._large
         if large is not None:
             self._large_filled += nbytes
-            if self._large_filled == len(large):
+            if self._large_filled == self._large_length:
                 self._large = None
                 self.on_frame(large)
             return
@@ -163,11 +167,13 @@ class FrameStream(asyncio.BufferedProtocol):
                 self.on_frame(buffer[body : body + length])
                 if self.transport is None or self.transport.is_closing():
                     return
-            elif _LENGTH.size + length > len(buffer):  # too big to stage: read into its own buffer
-                large = bytearray(length)
+            elif _LENGTH.size + length > len(buffer):  # too big to stage: read into its own buffer,
+                # which grows as the bytes come: announcing a large record costs the peer nothing,
+                # so it must cost the worker nothing either until they arrive.
                 have = self._end - body
+                large = bytearray(max(have, min(length, 2 * len(buffer))))
                 large[:have] = buffer[body : self._end]
-                self._large, self._large_filled = large, have
+                self._large, self._large_filled, self._large_length = large, have, length
                 self._start = self._end = 0
                 return
             else:
