@@ -27,7 +27,7 @@ from typing import Any
 import msgpack
 
 from actors.log import get_logger
-from actors.tls import TlsConfig, check_dialable, is_secure, register_secure_dialer, scheme_of
+from actors.tls import TlsConfig, client_side, register_secure_dialer
 from actors.transport import DialingTransport, FlowControl, register_dialer
 from actors.worker import Session, Worker
 from protocol import (
@@ -240,13 +240,10 @@ class TcpTransport(DialingTransport):
         max_frame_size: int = DEFAULT_MAX_FRAME,
         tls: TlsConfig | None = None,
     ) -> None:
-        check_dialable(address, tls)
-        secure = is_secure(address)
-        if secure:
-            self.scheme = scheme_of(address)  # split_address checks the address against it
+        scheme, self._ssl = client_side(address, tls)  # a plaintext address with TLS on is refused
+        if scheme is not None:
+            self.scheme = scheme  # split_address checks the address against it
         super().__init__(address, local_id, secret=secret, max_frame_size=max_frame_size)
-        #: The client context when the address is a TLS one (a plaintext one with TLS on was refused).
-        self._ssl = tls.client_context() if secure and tls is not None else None
 
     async def _run(self) -> None:
         host, port = self.host, self.port

@@ -138,6 +138,16 @@ def check_dialable(address: str, tls: TlsConfig | None) -> None:
         )
 
 
+def client_side(address: str, tls: TlsConfig | None) -> tuple[str | None, ssl.SSLContext | None]:
+    """What a dialing transport needs for ``address``: the secure scheme to check the address
+    against (``None`` for a plaintext one) and the context to dial it with. Refuses as
+    :func:`check_dialable` does."""
+    check_dialable(address, tls)
+    if not is_secure(address):
+        return None, None
+    return scheme_of(address), tls.client_context() if tls is not None else None
+
+
 class SecureDialer(Protocol):
     def __call__(self, address: str, local_id: str, *, secret: str | None, tls: TlsConfig) -> Transport: ...
 

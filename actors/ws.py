@@ -26,7 +26,7 @@ import aiohttp
 from aiohttp import web
 
 from actors.log import get_logger
-from actors.tls import TlsConfig, check_dialable, is_secure, register_secure_dialer, scheme_of
+from actors.tls import TlsConfig, client_side, register_secure_dialer
 from actors.transport import DialingTransport, FlowControl, register_dialer
 from actors.worker import Worker
 from protocol import DEFAULT_MAX_FRAME, AuthenticationFailed, WorkerLost
@@ -355,13 +355,11 @@ class WebSocketTransport(DialingTransport):
         max_frame_size: int = DEFAULT_MAX_FRAME,
         tls: TlsConfig | None = None,
     ) -> None:
-        check_dialable(address, tls)
-        secure = is_secure(address)
-        if secure:
-            self.scheme = scheme_of(address)  # split_address checks the address against it
+        scheme, context = client_side(address, tls)  # a plaintext address with TLS on is refused
+        if scheme is not None:
+            self.scheme = scheme  # split_address checks the address against it
         super().__init__(address, local_id, secret=secret, max_frame_size=max_frame_size)
-        #: The client context when the address is a TLS one (a plaintext one with TLS on was refused).
-        self._ssl: ssl.SSLContext | bool = tls.client_context() if secure and tls is not None else True
+        self._ssl: ssl.SSLContext | bool = context if context is not None else True
 
     async def _run(self) -> None:
         headers = {ID_HEADER: self.local_id}

@@ -84,12 +84,9 @@ class Recipe:
     average: float = 0.0
 
 
-_BOSTON_LOW = Recipe(
-    (), lot=160, epochs=3, clip=1.0, lr=0.6, features="relu", center=25.0, scale=5.0, zero_init=True
-)
-_BOSTON_ONE = Recipe(
-    (), lot=128, epochs=5, clip=1.0, lr=0.6, features="relu", center=25.0, scale=3.0, zero_init=True
-)
+_LINEAR = Recipe((), clip=1.0, lr=0.6, features="relu", center=25.0, zero_init=True)
+_BOSTON_LOW = replace(_LINEAR, lot=160, epochs=3, scale=5.0, average=0.5)
+_BOSTON_ONE = replace(_LINEAR, lot=128, epochs=5, scale=3.0)
 _BOSTON_HIGH = Recipe((32,), lot=128, epochs=30, clip=1.0, lr=0.3, center=25.0, scale=3.0)
 _PIMA = Recipe((), lot=64, epochs=20, clip=0.3, lr=0.3)
 

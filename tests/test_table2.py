@@ -4,6 +4,7 @@ summary's numbers."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 
@@ -114,3 +115,16 @@ def test_the_summary_is_mean_and_sample_deviation_per_cell() -> None:
     plain = next(r for r in result["rows"] if r["epsilon"] is None)
     assert plain["delta"] is None and plain["boston_mse"] == pytest.approx(25.0)
     assert "| (2, 1e-05) | 27.0 ± 5.0 | 28.5 |" in format_table2(result)
+
+
+@bounded(60)
+async def test_the_small_budget_recipe_averages_its_last_half() -> None:
+    """The epsilon-0.5 recipe the README describes (linear, from zero, on the bent features,
+    averaged over the last half of its steps): with averaging over every step, the result is
+    the mean of the iterates, which no single iterate's test MSE gives."""
+    recipe = RECIPES["boston"][0.5]
+    assert (recipe.hidden, recipe.features, recipe.zero_init, recipe.average) == ((), "relu", True, 0.5)
+    everything = dataclasses.replace(recipe, average=1.0)
+    averaged = await dp_cell("boston", 0.5, 1, everything)
+    assert averaged.curve[0] != averaged.curve[1]  # the walk moved
+    assert averaged.value not in {value for _, value in averaged.curve[1:]}
