@@ -455,7 +455,10 @@ def _run(args: argparse.Namespace) -> None:
 
 def _run_fuzz(args: argparse.Namespace) -> None:
     """Exit status 1 when the fuzz found anything (a crash, hang, leak or violation)."""
-    from runners.fuzz import fuzz_command  # noqa: PLC0415 - it needs hypothesis, a dev dependency
+    try:
+        from runners.fuzz import fuzz_command  # noqa: PLC0415 - it needs hypothesis, a dev dependency
+    except ModuleNotFoundError as exc:
+        raise SystemExit(f"aiosyft fuzz: needs {exc.name} (pip install -e '.[dev]')") from None
 
     transports = ["virtual", "ws", "tcp"] if args.transport == "all" else [args.transport]
     if not args.verbose:  # a warning per bad frame otherwise

@@ -342,7 +342,8 @@ def plot_utility(result: dict[str, Any], path: Path) -> None:
 
 
 def plot_curves(cells: dict[tuple[str, float | None], list[Cell]], path: Path) -> None:
-    """Test metric along training, the mean over seeds, one line per budget."""
+    """Test metric along training, the mean over seeds, one line per budget; a star where the
+    result is not the last iterate (a recipe that averages its iterates)."""
     plt = _pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
     for axis, dataset, label in (
@@ -363,7 +364,10 @@ def plot_curves(cells: dict[tuple[str, float | None], list[Cell]], path: Path) -
             points = min(len(c.curve) for c in runs)
             xs = [runs[0].curve[i][0] for i in range(points)]
             ys = [statistics.fmean(c.curve[i][1] for c in runs) for i in range(points)]
-            axis.plot(xs, ys, marker=".", label=f"epsilon {epsilon:g}")
+            (line,) = axis.plot(xs, ys, marker=".", label=f"epsilon {epsilon:g}")
+            result = statistics.fmean(c.value for c in runs)
+            if abs(result - ys[-1]) > 1e-9:  # a recipe that averages its iterates ends elsewhere
+                axis.plot([1.0], [result], marker="*", markersize=10, color=line.get_color())
         if dataset == "boston":
             axis.set_yscale("log")
         axis.set_xlabel("fraction of the DP-SGD steps done")

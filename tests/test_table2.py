@@ -128,3 +128,18 @@ async def test_the_small_budget_recipe_averages_its_last_half() -> None:
     averaged = await dp_cell("boston", 0.5, 1, everything)
     assert averaged.curve[0] != averaged.curve[1]  # the walk moved
     assert averaged.value not in {value for _, value in averaged.curve[1:]}
+
+
+def test_both_charts_are_drawn(tmp_path) -> None:
+    from runners.table2 import plot_curves, plot_utility  # noqa: PLC0415
+
+    curve = [(0.0, 90.0), (0.5, 40.0), (1.0, 30.0)]
+    cells = {
+        (dataset, epsilon): [Cell(28.0 if epsilon == 0.5 else 30.0, [] if epsilon is None else curve, {})] * 2
+        for dataset in RECIPES
+        for epsilon in EPSILONS
+    }
+    plot_utility(summarize(cells, 2), tmp_path / "utility.png")
+    plot_curves(cells, tmp_path / "curves.png")
+    for name in ("utility.png", "curves.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
