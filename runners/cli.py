@@ -121,6 +121,9 @@ def _privacy_parsers(commands: Any) -> None:
     utility.add_argument("--seeds", type=TWO_OR_MORE, default=10, help="seeds per cell (default 10)")
     utility.add_argument("--json", type=Path, help="also write the rows to this file")
     utility.add_argument(
+        "--accountant", choices=("rdp", "pld"), default="rdp", help="what the owners keep budgets with"
+    )
+    utility.add_argument(
         "--png-dir", type=Path, default=Path("results"), help="where the two charts go (default results)"
     )
     _data_dir_option(utility)
@@ -256,10 +259,13 @@ def _worker_parser(commands: Commands) -> None:
         "--release", choices=RELEASES,
         help="what may leave of the shard: model updates (default), or only DP-SGD steps within a budget",
     )  # fmt: skip
-    # These three only apply with --release sanitized.
+    # These four only apply with --release sanitized.
     worker.add_argument("--epsilon", type=POSITIVE_FLOAT, help="the shard's privacy budget (default 1)")
     worker.add_argument("--delta", type=POSITIVE_FLOAT, help="the budget's delta (default 1e-5)")
     worker.add_argument("--ledger", help="file the privacy ledger is kept in, to survive a restart")
+    worker.add_argument(
+        "--accountant", choices=("rdp", "pld"), help="what the budget is kept with (default rdp; pld tighter)"
+    )
     _data_dir_option(worker)
 
 
@@ -327,7 +333,7 @@ def _check_worker(args: argparse.Namespace, refuse: Callable[[str], NoReturn]) -
     shard, slash, count = args.shard.partition("/")
     if not (shard.isdigit() and count.isdigit() and slash and int(shard) < int(count)):
         refuse(f"--shard {args.shard!r}: expected K/N with 0 <= K < N")
-    budget = [f"--{name}" for name in ("epsilon", "delta", "ledger") if getattr(args, name) is not None]
+    budget = [f"--{n}" for n in ("epsilon", "delta", "ledger", "accountant") if getattr(args, n) is not None]
     if budget and args.release != "sanitized":
         refuse(f"{', '.join(budget)} only appl{'ies' if len(budget) == 1 else 'y'} with --release sanitized")
     if args.delta is not None and not args.delta < 1:
@@ -366,13 +372,14 @@ def _worker_releases(args: argparse.Namespace) -> tuple[Release, ...]:
     """What the worker's shard lets leave: model updates, or DP-SGD steps within a budget."""
     if args.release != "sanitized":
         return (ModelUpdates(),)
-    return (Sanitized(epsilon=args.epsilon or 1.0, delta=args.delta or 1e-5, ledger=args.ledger),)
+    budget = {"epsilon": args.epsilon or 1.0, "delta": args.delta or 1e-5}
+    return (Sanitized(**budget, ledger=args.ledger, accountant=args.accountant or "rdp"),)
 
 
 def _run_privacy(args: argparse.Namespace) -> None:
     use_data_dir(args.data_dir)
     if args.command == "table2":
-        table2(args.seeds, args.json, args.png_dir)
+        table2(args.seeds, args.json, args.png_dir, args.accountant)
         return
     settings = PateSettings(
         mechanism=args.mechanism, workers=args.workers, teachers=args.teachers, epsilon=args.epsilon,

@@ -87,6 +87,7 @@ BAD_VALUES = [
     (["worker", "--id", "a", "--dataset", "boston", "--shard", "2/2"], "aiosyft worker", "--shard"),
     (["worker", "--id", "a", "--dataset", "boston", "--shard", "x"], "aiosyft worker", "--shard"),
     (["worker", "--id", "a", "--dataset", "boston", "--epsilon", "1"], "aiosyft worker", "--epsilon"),
+    (["worker", "--id", "a", "--dataset", "boston", "--accountant", "pld"], "aiosyft worker", "--accountant"),
     (["worker", "--id", "a", "--release", "sanitized"], "aiosyft worker", "--release"),
     (["worker", "--id", "a", "--dataset", "boston", "--release", "sanitized", "--delta", "2"], *WORKER_DELTA),
     (["worker", "--id", "a", "--dataset", "boston", "--release", "sanitized", "--epsilon", "0"], *WORKER_EPS),

@@ -13,7 +13,7 @@ import dp_accounting
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
-from dp_accounting import rdp
+from dp_accounting import pld, rdp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -326,3 +326,42 @@ async def test_a_sanitized_release_to_named_identities_keeps_its_audience(transp
         assert (await flat.get()).shape == flat_parameters(model).shape
     finally:
         await site.close()
+
+
+def _pld_epsilon(rate: float, sigma: float, count: int, delta: float) -> float:
+    accountant = pld.PLDAccountant()
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(sigma)), count)
+    return accountant.get_epsilon(delta)
+
+
+def test_a_budget_kept_with_pld_refuses_at_the_pld_bound_and_admits_more_than_rdp(tmp_path: Path) -> None:
+    """The owner may keep its budget with the tighter accountant: the same noise then pays for
+    more lots, and the ledger stops exactly where the library's PLD epsilon would pass it."""
+    plan, budget = Plan(0.5, 4.0), 1.0
+    tight = Ledger("bob/d", epsilon=budget, delta=1e-5, path=tmp_path / "bob.ledger", accountant="pld")
+    loose = Ledger("bob/d", epsilon=budget, delta=1e-5)
+    served = 0
+    with pytest.raises(BudgetExhausted, match="bob/d"):
+        while True:
+            tight.charge(plan)
+            served += 1
+    assert _pld_epsilon(0.5, 4.0, served, 1e-5) <= budget < _pld_epsilon(0.5, 4.0, served + 1, 1e-5)
+    assert served > loose.remaining(plan)  # RDP stops earlier on the same lots
+    assert tight.epsilon() == pytest.approx(_pld_epsilon(0.5, 4.0, served, 1e-5))
+    again = Ledger("bob/d", epsilon=budget, delta=1e-5, path=tmp_path / "bob.ledger", accountant="pld")
+    assert again.lots == {plan: served} and again.remaining(plan) == 0
+
+
+def test_calibration_under_pld_never_exceeds_its_target_and_needs_less_noise() -> None:
+    sigma = calibrate_sigma(0.8, 4, 0.5, 1e-5, accountant="pld")
+    assert _pld_epsilon(0.8, sigma, 4, 1e-5) <= 0.5
+    assert sigma < calibrate_sigma(0.8, 4, 0.5, 1e-5)
+
+
+def test_a_sanitized_release_names_its_accountant() -> None:
+    assert Sanitized(epsilon=1.0, accountant="pld") != Sanitized(epsilon=1.0)
+    assert hash(Sanitized(epsilon=1.0, accountant="pld")) == hash(Sanitized(epsilon=1.0, accountant="pld"))
+    with pytest.raises(ValueError, match="unknown accountant"):
+        Sanitized(epsilon=1.0, accountant="moments")
+    with pytest.raises(ValueError, match="unknown accountant"):
+        Ledger("bob/d", 1.0, 1e-5, accountant="moments")

@@ -87,12 +87,24 @@ class Plan:
         return f"rate {self.rate:.4g}, {noise}"
 
 
-class Ledger:
-    """The lots one dataset served, against its owner's budget ``(epsilon, delta)``."""
+#: The accountants a budget may be kept with: RDP (the default) and PLD (tighter, slower).
+ACCOUNTANTS = ("rdp", "pld")
 
-    def __init__(self, source: str, epsilon: float, delta: float, path: Path | None = None) -> None:
+
+class Ledger:
+    """The lots one dataset served, against its owner's budget ``(epsilon, delta)``, kept with
+    ``accountant``: both are the library's and sound; PLD gives the same lots a lower epsilon
+    (about 10% here), so a budget kept with it admits a little less noise per lot, at a few
+    hundred ms per new plan instead of milliseconds."""
+
+    def __init__(
+        self, source: str, epsilon: float, delta: float, path: Path | None = None, accountant: str = "rdp"
+    ) -> None:
+        if accountant not in ACCOUNTANTS:
+            raise ValueError(f"unknown accountant {accountant!r}: one of {', '.join(ACCOUNTANTS)}")
         self.source = source
         self.budget = (epsilon, delta)
+        self.accountant = accountant
         self.path = path
         #: Lots served, per plan, in the order plans first appeared.
         self.lots: dict[Plan, int] = {}
@@ -106,9 +118,11 @@ class Ledger:
             [dp_accounting.SelfComposedDpEvent(plan.event(), count) for plan, count in self.lots.items()]
         )
 
-    def epsilon(self, delta: float | None = None, accountant: str = "rdp") -> float:
-        """The epsilon spent so far at ``delta`` (the budget's by default)."""
-        return _epsilon(self.event(), self.budget[1] if delta is None else delta, accountant)
+    def epsilon(self, delta: float | None = None, accountant: str | None = None) -> float:
+        """The epsilon spent so far at ``delta`` (the budget's by default), by ``accountant``
+        (the budget's by default)."""
+        delta = self.budget[1] if delta is None else delta
+        return _epsilon(self.event(), delta, accountant or self.accountant)
 
     def remaining(self, plan: Plan) -> int:
         """How many more lots of ``plan`` fit in the budget."""
@@ -143,7 +157,9 @@ class Ledger:
         """Whether the ledger with ``charges`` added (lots of several plans) stays in the budget."""
         epsilon, delta = self.budget
         extra = [dp_accounting.SelfComposedDpEvent(plan.event(), n) for plan, n in charges if n > 0]
-        return _epsilon(dp_accounting.ComposedDpEvent([self.event(), *extra]), delta, "rdp") <= epsilon
+        return (
+            _epsilon(dp_accounting.ComposedDpEvent([self.event(), *extra]), delta, self.accountant) <= epsilon
+        )
 
     def check(self, charges: Sequence[tuple[Plan, int]]) -> None:
         """Refuse (``BudgetExhausted``) unless all of ``charges`` fit together; record nothing.
@@ -178,7 +194,10 @@ class Ledger:
 
         def fits(n: int) -> bool:
             extra = dp_accounting.SelfComposedDpEvent(plan.event(), n)
-            return _epsilon(dp_accounting.ComposedDpEvent([self.event(), extra]), delta, "rdp") <= epsilon
+            return (
+                _epsilon(dp_accounting.ComposedDpEvent([self.event(), extra]), delta, self.accountant)
+                <= epsilon
+            )
 
         if not fits(1):
             return 0
@@ -197,6 +216,7 @@ class Ledger:
         record = {
             "source": self.source,
             "budget": list(self.budget),
+            "accountant": self.accountant,
             "lots": [[plan.rate, plan.sigma, count, plan.mechanism] for plan, count in self.lots.items()],
         }
         temporary = path.with_name(path.name + ".tmp")
@@ -223,21 +243,31 @@ def _epsilon(event: dp_accounting.DpEvent, delta: float, accountant: str) -> flo
         raise ValueError(f"unknown accountant {accountant!r}: rdp or pld")
     counter.compose(event)
     value = counter.get_epsilon(delta)
-    return 0.0 if math.isnan(value) else float(value)
+    return math.inf if math.isnan(value) else float(value)  # unknown is spent: a budget refuses
 
 
-def calibrate_sigma(rate: float, steps: int, epsilon: float, delta: float, tolerance: float = 0.01) -> float:
+def calibrate_sigma(
+    rate: float,
+    steps: int,
+    epsilon: float,
+    delta: float,
+    *,
+    tolerance: float = 0.01,
+    accountant: str = "rdp",
+) -> float:
     """The smallest noise multiplier (to ``tolerance``) whose ``steps`` lots at ``rate`` stay
-    within ``(epsilon, delta)`` under the RDP accountant: the library's calibration, which never
-    returns a value over the target (checked again here)."""
+    within ``(epsilon, delta)`` under ``accountant`` (the one the owner's budget is kept with):
+    the library's calibration, which never returns a value over the target (checked again here)."""
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"unknown accountant {accountant!r}: one of {', '.join(ACCOUNTANTS)}")
     sigma = dp_accounting.calibrate_dp_mechanism(
-        rdp.RdpAccountant,
+        rdp.RdpAccountant if accountant == "rdp" else pld.PLDAccountant,
         lambda s: dp_accounting.SelfComposedDpEvent(Plan(rate, s).event(), steps),
         epsilon,
         delta,
         tol=tolerance,
     )
-    spent = _epsilon(dp_accounting.SelfComposedDpEvent(Plan(rate, sigma).event(), steps), delta, "rdp")
+    spent = _epsilon(dp_accounting.SelfComposedDpEvent(Plan(rate, sigma).event(), steps), delta, accountant)
     if spent > epsilon:  # the library's contract; a violation would be a privacy bug, not noise
         raise RuntimeError(f"calibration returned sigma {sigma} spending {spent} > {epsilon}")
     return float(sigma)

@@ -212,7 +212,9 @@ def ledger_for(ctx: Context, source: str, release: Sanitized) -> Ledger:
     ledgers: dict[str, Ledger] = ctx.state.setdefault("dp.ledgers", {})
     ledger = ledgers.get(source)
     if ledger is None:
-        ledger = ledgers[source] = Ledger(source, release.epsilon, release.delta, release.ledger)
+        ledger = ledgers[source] = Ledger(
+            source, release.epsilon, release.delta, release.ledger, accountant=release.accountant
+        )
     return ledger
 
 
