@@ -188,9 +188,10 @@ async def dp_cell(dataset: str, epsilon: float, seed: int, recipe: Recipe, accou
         for worker in workers:
             assert isinstance(worker, actors.VirtualWorker)
             ledgers = list(worker.worker.state.get("dp.ledgers", {}).values())
-            spent[worker.id] = (
-                (ledgers[0].epsilon(), ledgers[0].epsilon(accountant="pld")) if ledgers else (0.0, 0.0)
-            )
+            spent[worker.id] = (0.0, 0.0)
+            if ledgers:  # both figures, whichever the budget was kept with
+                ledger = ledgers[0]
+                spent[worker.id] = (ledger.epsilon(accountant="rdp"), ledger.epsilon(accountant="pld"))
     return Cell(metric(model, data, recipe), curve, spent)
 
 
