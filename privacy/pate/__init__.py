@@ -1,11 +1,11 @@
-"""PATE: private aggregation of teacher ensembles (Papernot et al. 2017, 2018), the library half.
+"""PATE: private aggregation of teacher ensembles (Papernot et al. 2017, 2018).
 
 Teachers trained on disjoint private partitions vote on public queries; the student learns only
 noisy plurality labels. This package holds the pure parts: :mod:`~privacy.pate.aggregation` (the
 votes histogram and the noisy aggregators LNMax, GNMax, Confident-GNMax, each drawing noise only
 from the caller's ``torch.Generator``) and :mod:`~privacy.pate.analysis` (their privacy cost: RDP
 or log moments per query, data-independent and data-dependent, summed and converted to
-(epsilon, delta)). Nothing here talks to workers; whoever runs teachers on workers calls these.
+(epsilon, delta)). Those two talk to no worker; the two below call them.
 A data-dependent epsilon is a function of the private votes and must never be published as is.
 
 :mod:`~privacy.pate.workers` runs PATE where the data is (each owner trains its teachers and is
