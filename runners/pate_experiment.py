@@ -63,19 +63,11 @@ class PateSettings:
 
 def affordable(settings: PateSettings, limit: int) -> int:
     """How many queries (at most ``limit``) one owner's budget pays for, data-independently: the
-    largest n whose charges fit a fresh ledger (bisection on the library's epsilon)."""
-    ledger = Ledger("owner/budget", settings.epsilon, DELTA)
+    largest n whose charges fit a fresh ledger."""
     noise = settings.noise()
-
-    def fits(n: int) -> bool:
-        return ledger.fits(charges(settings.mechanism, n, sigma=noise.get("sigma"), gamma=noise.get("gamma"),
-                                   sigma1=noise.get("sigma1")))  # fmt: skip
-
-    low, high = 0, limit
-    while low < high:
-        middle = (low + high + 1) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle - 1)
-    return low
+    per_query = {"sigma": noise.get("sigma"), "gamma": noise.get("gamma"), "sigma1": noise.get("sigma1")}
+    ledger = Ledger("owner/budget", settings.epsilon, DELTA)
+    return ledger.largest(lambda n: charges(settings.mechanism, n, **per_query), limit)
 
 
 def _model(features: int, seed: int) -> nn.Sequential:

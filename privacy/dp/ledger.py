@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,23 +191,22 @@ class Ledger:
             self._save(self.path)
 
     def _fit(self, plan: Plan) -> int:
-        """The largest n with epsilon(ledger + n lots of plan) within the budget (bisection)."""
-        epsilon, delta = self.budget
+        """The largest n with epsilon(ledger + n lots of plan) within the budget."""
+        return self.largest(lambda n: [(plan, n)])
+
+    def largest(self, charges_for: Callable[[int], Sequence[tuple[Plan, int]]], limit: int = 1 << 40) -> int:
+        """The largest n (at most ``limit``) whose ``charges_for(n)`` still fit, by bisection on the
+        library's epsilon: how many lots of a plan, or queries of a mechanism, a budget pays for."""
 
         def fits(n: int) -> bool:
-            extra = dp_accounting.SelfComposedDpEvent(plan.event(), n)
-            return (
-                _epsilon(dp_accounting.ComposedDpEvent([self.event(), extra]), delta, self.accountant)
-                <= epsilon
-            )
+            return self.fits(charges_for(n))
 
-        if not fits(1):
+        if limit < 1 or not fits(1):
             return 0
         low, high = 1, 2
-        while fits(high):
+        while high <= limit and fits(high):
             low, high = high, high * 2
-            if high > 1 << 40:
-                return high
+        high = min(high, limit + 1)
         while high - low > 1:
             middle = (low + high) // 2
             low, high = (middle, high) if fits(middle) else (low, middle)
