@@ -5,7 +5,7 @@ Importing :mod:`mpc` registers the ``mpc`` command set (what parties serve) and 
 set (what a crypto provider serves). It builds on :mod:`actors` and :mod:`protocol` only.
 """
 
-from mpc import beaver, conv, fixed, provider, sharing, sigmoid, training, truncation
+from mpc import beaver, conv, fixed, provider, sharing, sigmoid, spdz2k, training, truncation
 from mpc.fixed import FixedPrecisionTensor, fix_precision, float_precision
 from mpc.nn import ApproxSigmoid, SharedModule, share_module
 from mpc.provider import COMMAND_SET, PROVIDER_SET
@@ -42,6 +42,7 @@ __all__ = [
     "Shares",
     "SHARE",
     "sigmoid",
+    "spdz2k",
     "training",
     "truncation",
 ]

@@ -8,6 +8,7 @@ leader or the provider. What is opened must already be masked; this module canno
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,9 +38,11 @@ def check_ring(name: str, value: Any) -> torch.Tensor:
 
 
 async def open_all(
-    ctx: Context, parties: list[str], tag: str, values: list[torch.Tensor]
-) -> list[torch.Tensor]:
-    """Every party's ``values`` summed: one message to and one from each other party."""
+    ctx: Context, parties: list[str], tag: str, values: list[torch.Tensor],
+    add: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> list[torch.Tensor]:  # fmt: skip
+    """Every party's ``values`` summed: one message to and one from each other party. ``add``
+    sums in another ring than int64's (the wide ring of the authenticated mode)."""
     others = [p for p in parties if p != ctx.me]
     for party in others:
         ctx.send(party, tag, values)
@@ -50,6 +53,11 @@ async def open_all(
         for mine, value in zip(values, theirs, strict=True):
             if not isinstance(value, torch.Tensor) or value.dtype != torch.int64 or value.shape != mine.shape:
                 raise BadArguments(f"{party} opened {tag} with a value of the wrong kind or shape")
+    if add is not None:
+        sums = list(values)
+        for theirs in received:
+            sums = [add(total, value) for total, value in zip(sums, theirs, strict=True)]
+        return sums
     # what was sent stays as it was (it may not have left yet): the sums are new tensors
     totals = [value + received[0][i] for i, value in enumerate(values)]
     for theirs in received[1:]:

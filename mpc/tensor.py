@@ -351,6 +351,16 @@ class SharedTensor:
             raise TypeError(f"{name} is not available on shared tensors")
         return handler(*args, **kwargs)
 
+    def _request(self, op: str, bits: int | None = None) -> tuple[str, dict[str, Any]]:
+        """How this tensor's mode asks the provider for ``op``'s material: its kind and options."""
+        if op == "trunc":
+            return op, {"precision": self.precision if bits is None else bits}
+        return op, {}
+
+    def _join(self, shares: list[PointerTensor], dim: int) -> PointerTensor:
+        """One party's shares of several tensors, joined along ``dim`` (:func:`cat`)."""
+        return call(shares[0].location, "torch.cat", [shares], {"dim": dim})
+
     def _provider(self) -> actors.RemoteWorker:
         if self.provider is None:
             raise ValueError(f"{self!r} has no crypto provider: share it with crypto_provider=...")
@@ -452,7 +462,7 @@ def cat(tensors: Sequence[SharedTensor], dim: int = 0) -> SharedTensor:
         first._check_peer(other)
     meta = torch.cat([t._meta for t in tensors], dim)
     columns = zip(*(t.shares for t in tensors), strict=True)
-    shares = [call(column[0].location, "torch.cat", [list(column)], {"dim": dim}) for column in columns]
+    shares = [first._join(list(column), dim) for column in columns]
     return first._like(shares, meta, FREE, *tensors[1:])
 
 
@@ -481,6 +491,7 @@ def _new_material(
     options: dict[str, Any],
 ) -> list[PointerTensor]:  # fmt: skip
     """Ask the provider for one operation's material; each party gets its part."""
+    party_op, provider_op, kind = MATERIAL_FLOWS.get(kind, ("mpc.material", "provider.material", kind))
     ids = [p.id for p in parties]
     calls: dict[actors.RemoteWorker, tuple[list[Any], dict[str, Any] | None]] = {
         provider: ([kind, shapes, ids, options], None)
@@ -488,7 +499,7 @@ def _new_material(
     last = len(parties) - 1
     for i, party in enumerate(parties):
         calls[party] = ([kind, shapes, provider.id, i == last, options], None)
-    runs = start_flow("mpc.material", calls, ops={provider: "provider.material"})
+    runs = start_flow(party_op, calls, ops={provider: provider_op})
     _quietly(runs[provider])
     return [runs[party] for party in parties]
 
@@ -499,6 +510,10 @@ def _quietly(pointer: PointerTensor) -> None:
     task = asyncio.ensure_future(pointer.resolve())
     task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
+
+#: Kinds of material other modes ask for: kind -> (the parties' flow, the provider's flow, the
+#: kind as that flow names it). The semi-honest kinds are not listed.
+MATERIAL_FLOWS: dict[str, tuple[str, str, str]] = {}
 
 #: Material made ahead of need, by (provider, parties, kind, shapes, options), oldest first.
 _PREPARED: dict[tuple[Any, ...], collections.deque[list[PointerTensor]]] = {}
@@ -546,13 +561,14 @@ def prepare(op: str, x: SharedTensor, y: SharedTensor | Sequence[int] | None = N
     three or more parties). Those operations then open at once instead of waiting for the
     provider: its work moves out of the online phase."""
     if op == "trunc":
-        shapes, options = [list(x.shape)], {"precision": x.precision}
+        shapes = [list(x.shape)]
     else:
         other = y.shape if isinstance(y, SharedTensor) else y
         if other is None:
             raise ValueError(f"prepare({op!r}) needs the other operand or its shape")
-        shapes, options = [list(x.shape), list(other)], {}
-    key = _material_key(x._provider(), x.parties, op, shapes, options)
+        shapes = [list(x.shape), list(other)]
+    kind, options = x._request(op)
+    key = _material_key(x._provider(), x.parties, kind, shapes, options)
     for _ in range(count):
         _make_ahead(key)
 

@@ -104,6 +104,26 @@ class FlowAborted(SyftError):
     The message names that party and its error's type."""
 
 
+class CheatingDetected(SyftError):
+    """A party of an authenticated (SPDZ2k) run deviated from the protocol, and a check caught
+    it before any value was revealed. The run and its session are aborted; the message names
+    the check that failed (its subclass says which)."""
+
+
+class MacCheckFailed(CheatingDetected):
+    """Opened values do not match their MACs: a share, an opening, a MAC or a triple was
+    changed by some party (which one, the check cannot tell)."""
+
+
+class CommitmentBroken(CheatingDetected):
+    """A party opened a value (a coin-toss seed, its MAC-check share) other than the one it
+    committed to: it tried to choose it after seeing the others'."""
+
+
+class OutputsDisagree(CheatingDetected):
+    """The parties reported different values for one checked output."""
+
+
 class RemoteError(SyftError):
     """A command failed on the remote worker with an exception that is not an aiosyft error.
 
@@ -144,6 +164,10 @@ _SYFT_ERRORS: dict[str, type[SyftError]] = {
         FlowAborted,
         BudgetExhausted,
         InsecureAddress,
+        CheatingDetected,
+        MacCheckFailed,
+        CommitmentBroken,
+        OutputsDisagree,
     )
 }
 
