@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 import mpc
+from mpc import spdz2k
 from mpc.training import reference_step, sgd_step
 from runners.cluster import local_cluster
 
@@ -58,18 +59,29 @@ def _plaintext_seconds(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(samples)
 
 
+async def _no_check() -> None:
+    return None
+
+
 async def _measure(
     name: str, issue: Callable[[], Any], plain: Callable[[], Any], repeats: int, bar: tqdm, *,
-    before: Callable[[], int] = lambda: 0,
+    before: Callable[[], int] = lambda: 0, check: Callable[[], Awaitable[None]] = _no_check,
 ) -> dict[str, Any]:  # fmt: skip
-    """``before``: the depth the operands already have (a model trained in earlier runs)."""
+    """``before``: the depth the operands already have (a model trained in earlier runs);
+    ``check``: what must follow the operation before its result could be trusted (the
+    authenticated mode's MAC check of everything it opened), timed with it."""
+
+    async def done(result: Any) -> None:
+        await _settle(result)
+        await check()
+
     for _ in range(WARM_UPS):  # links between parties, and each process's heap grown to size
-        await _settle(issue())
+        await done(issue())
         with mpc.recording() as asked:
-            await _settle(issue())
+            await done(issue())
         made = asked.prepare()
         await asyncio.gather(*(share.resolve() for material in made for share in material))
-        await _settle(issue())
+        await done(issue())
     totals, onlines = [], []
     depth, online_bytes, material_bytes = 0, 0, 0
     for _ in range(repeats):
@@ -77,16 +89,16 @@ async def _measure(
         start = time.perf_counter()
         with mpc.meter() as spent:
             result = issue()
-        await _settle(result)
+        await done(result)
         totals.append(time.perf_counter() - start)
         depth = max(r.depth for r in (result if isinstance(result, list) else [result])) - start_depth
         online_bytes, material_bytes = spent.online_bytes, spent.material_bytes
         with mpc.recording() as asked:
-            await _settle(issue())
+            await done(issue())
         made = asked.prepare()
         await asyncio.gather(*(share.resolve() for material in made for share in material))
         start = time.perf_counter()
-        await _settle(issue())
+        await done(issue())
         onlines.append(time.perf_counter() - start)
         bar.update(1)
     return {
@@ -102,58 +114,90 @@ async def _measure(
     }
 
 
-async def bench_mpc(repeats: int = 5, transport: str = "tcp") -> dict[str, Any]:
-    """The four operations of the SPDZ issue, each ``repeats`` times (medians)."""
+async def _inputs() -> dict[str, Any]:
+    """The operands and the model both modes run on (one draw, so the rows compare)."""
+    data = torch.randn(506, 13)
+    return {
+        "x": torch.randn(1000, 1000),
+        "y": torch.randn(1000, 1000),
+        "a": torch.randn(256, 256),
+        "b": torch.randn(256, 256),
+        "data": data,
+        "targets": torch.randn(506, 1),
+    }
+
+
+async def _mode(
+    inputs: dict[str, Any], share: Callable[[torch.Tensor], Awaitable[mpc.SharedTensor]],
+    encrypted: Any, repeats: int, bar: tqdm, *, check: Callable[[], Awaitable[None]] = _no_check,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """The four operations on tensors ``share`` makes (one mode), each ``repeats`` times."""
+    x, y, a, b, data, targets = (inputs[k] for k in ("x", "y", "a", "b", "data", "targets"))
+    sx, sy, sa, sb, sdata = [await share(t) for t in (x, y, a, b, data)]
+    batches = [
+        (await share(data[i : i + BATCH]), await share(targets[i : i + BATCH])) for i in range(0, 506, BATCH)
+    ]
+    for tensor in (sx, sy, sa, sb, sdata, *(t for pair in batches for t in pair)):
+        await tensor
+    model = _mlp()
+
+    def epoch() -> list[mpc.SharedTensor]:
+        return [sgd_step(encrypted, bx, by, lr=1e-3) for bx, by in batches]
+
+    plain_model = _mlp()
+
+    def plain_epoch() -> None:
+        for i in range(0, 506, BATCH):
+            reference_step(plain_model, data[i : i + BATCH], targets[i : i + BATCH], 1e-3)
+
+    measures: list[tuple[str, Callable[[], Any], Callable[[], Any]]] = [
+        ("mul_1000x1000", lambda: sx * sy, lambda: x * y),
+        ("matmul_256", lambda: sa @ sb, lambda: a @ b),
+        ("mlp_inference", lambda: encrypted(sdata), lambda: model(data)),
+        ("mlp_train_epoch", epoch, plain_epoch),
+    ]
+
+    def trained_depth() -> int:
+        return max(p.depth for _, p in encrypted.named_parameters())
+
+    ops = []
+    for name, issue, plain in measures:
+        bar.set_description(name)
+        before = trained_depth if name == "mlp_train_epoch" else (lambda: 0)
+        ops.append(await _measure(name, issue, plain, repeats, bar, before=before, check=check))
+    return ops
+
+
+async def bench_mpc(
+    repeats: int = 5, transport: str = "tcp", *, authenticated: bool = True
+) -> dict[str, Any]:
+    """The four operations of the SPDZ issue, each ``repeats`` times (medians), semi-honest and
+    (``authenticated``) with MACs, the check of every opening included in the time."""
     torch.set_num_threads(1)  # as every worker process runs
-    ops: list[dict[str, Any]] = []
+    inputs = await _inputs()
     async with local_cluster(
         ["alice", "bob", "provider"], transport=transport, enable=["mpc", "provider"]
     ) as c:
         alice, bob, provider = c.workers
         parties = (alice, bob)
 
-        def shared(value: torch.Tensor) -> mpc.SharedTensor:
+        async def shared(value: torch.Tensor) -> mpc.SharedTensor:
             return mpc.share(value, *parties, crypto_provider=provider)
 
-        x, y = torch.randn(1000, 1000), torch.randn(1000, 1000)
-        a, b = torch.randn(256, 256), torch.randn(256, 256)
-        sx, sy, sa, sb = shared(x), shared(y), shared(a), shared(b)
-        model = _mlp()
-        data = torch.randn(506, 13)
-        targets = torch.randn(506, 1)
-        encrypted = mpc.share_module(model, *parties, crypto_provider=provider)
-        sdata = shared(data)
-        batches = [
-            (shared(data[i : i + BATCH]), shared(targets[i : i + BATCH])) for i in range(0, 506, BATCH)
-        ]
-        for tensor in (sx, sy, sa, sb, sdata, *(t for pair in batches for t in pair)):
-            await tensor
-
-        def epoch() -> list[mpc.SharedTensor]:
-            return [sgd_step(encrypted, bx, by, lr=1e-3) for bx, by in batches]
-
-        plain_model = _mlp()
-
-        def plain_epoch() -> None:
-            for i in range(0, 506, BATCH):
-                reference_step(plain_model, data[i : i + BATCH], targets[i : i + BATCH], 1e-3)
-
-        measures: list[tuple[str, Callable[[], Any], Callable[[], Any]]] = [
-            ("mul_1000x1000", lambda: sx * sy, lambda: x * y),
-            ("matmul_256", lambda: sa @ sb, lambda: a @ b),
-            ("mlp_inference", lambda: encrypted(sdata), lambda: model(data)),
-            ("mlp_train_epoch", epoch, plain_epoch),
-        ]
-
-        def trained_depth() -> int:
-            return max(p.depth for _, p in encrypted.named_parameters())
-
-        with tqdm(total=len(measures) * repeats, unit="run", leave=False) as bar:
-            for name, issue, plain in measures:
-                bar.set_description(name)
-                before = trained_depth if name == "mlp_train_epoch" else (lambda: 0)
-                ops.append(await _measure(name, issue, plain, repeats, bar, before=before))
-    return {"ops": ops, "repeats": repeats, "transport": transport, "parties": 2}
+        modes = 2 if authenticated else 1
+        with tqdm(total=4 * repeats * modes, unit="run", leave=False) as bar:
+            encrypted = mpc.share_module(_mlp(), *parties, crypto_provider=provider)
+            ops = await _mode(inputs, shared, encrypted, repeats, bar)
+            result: dict[str, Any] = {"ops": ops, "repeats": repeats, "transport": transport, "parties": 2}
+            if authenticated:
+                session = spdz2k.Session(*parties, crypto_provider=provider)
+                model = await session.share_module(_mlp())
+                checked = await _mode(inputs, session.share, model, repeats, bar, check=session.verify)
+                for op, semi in zip(checked, ops, strict=True):
+                    op["vs_semi_honest"] = op["seconds"] / semi["seconds"]
+                    op["online_vs_semi_honest"] = op["online_seconds"] / semi["online_seconds"]
+                result["authenticated"] = checked
+    return result
 
 
 def format_mpc(result: dict[str, Any]) -> str:
@@ -170,6 +214,21 @@ def format_mpc(result: dict[str, Any]) -> str:
             f"| {op['name']} | {times} | {rounds} | {op['bytes'] / 1e6:.1f} MB | "
             f"{1e3 * op['plaintext_seconds']:.2f} ms | {1e3 * peer:.0f} ms | {op['seconds'] / peer:.3f}x |"
         )
+    if result.get("authenticated"):
+        lines += [
+            "",
+            f"Authenticated (SPDZ2k, MACs checked: {spdz2k.SECURITY_BITS:.0f}-bit statistical security), "
+            "the MAC check of every opening included:",
+            "",
+            "| op | total | online | rounds | bytes | total / semi-honest | online / semi-honest |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for op in result["authenticated"]:
+            lines.append(
+                f"| {op['name']} | {1e3 * op['seconds']:.1f} ms | {1e3 * op['online_seconds']:.1f} ms | "
+                f"{op['rounds']} | {op['bytes'] / 1e6:.1f} MB | {op['vs_semi_honest']:.2f}x | "
+                f"{op['online_vs_semi_honest']:.2f}x |"
+            )
     return "\n".join(lines)
 
 

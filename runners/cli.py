@@ -33,6 +33,7 @@ from protocol import SyftError
 from runners.bench import bench_pointers, bench_transport, format_pointers, format_transport, write_json
 from runners.bench_dp import bench_dp, format_dp
 from runners.bench_mpc import bench_mpc, format_mpc, plot_mpc
+from runners.bench_wide import bench_wide, format_wide
 from runners.cluster import FAILED, LEADER, REPORT_ENV, SPIN, is_loopback, launch, run_worker
 from runners.datasets import DATA_ENV, SOURCES
 from runners.demo import demo
@@ -143,6 +144,35 @@ def _privacy_parsers(commands: Any) -> None:
     _data_dir_option(pate)
 
 
+def _bench_parser(commands: Any) -> None:
+    bench = commands.add_parser("bench", help="benchmarks, each beside its reference")
+    suites = bench.add_subparsers(dest="suite", required=True)
+    pointers = suites.add_parser("pointers", help="cost of a pointer operation on a virtual worker")
+    pointers.add_argument("--json", type=Path, help="also write the figures to this file")
+    pointers.add_argument("--repeats", type=POSITIVE, default=7, help="timed runs; the median is reported")
+    transport = suites.add_parser("transport", help="WebSocket and TCP workers beside the raw transports")
+    transport.add_argument("--json", type=Path, help="also write the figures to this file")
+    transport.add_argument("--repeats", type=POSITIVE, default=5, help="timed runs; the median is reported")
+    transport.add_argument("--tls", action="store_true", help="measure TLS too, beside plaintext")
+    wide = suites.add_parser(
+        "wide", help="arithmetic modulo 2^128 (authenticated MPC) beside int64, one thread"
+    )
+    wide.add_argument("--json", type=Path, help="also write the figures to this file")
+    wide.add_argument("--repeats", type=POSITIVE, default=7, help="timed runs; the median is reported")
+    dp = suites.add_parser("dp", help="DP-SGD on the Boston MLP beside non-private plain PyTorch")
+    dp.add_argument("--json", type=Path, help="also write the figures to this file")
+    dp.add_argument("--repeats", type=POSITIVE, default=5, help="timed runs; the median is reported")
+    _data_dir_option(dp)
+    spdz = suites.add_parser("mpc", help="SPDZ operations between worker processes, beside plain PyTorch")
+    spdz.add_argument("--json", type=Path, help="also write the figures to this file")
+    spdz.add_argument(
+        "--png", type=Path, default=Path("results/bench_mpc.png"), help="chart (default %(default)s)"
+    )
+    spdz.add_argument("--repeats", type=POSITIVE, default=5, help="timed runs; the median is reported")
+    spdz.add_argument("--transport", choices=TRANSPORTS, default="tcp")
+    spdz.add_argument("--semi-honest-only", action="store_true", help="skip the authenticated (SPDZ2k) rows")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="aiosyft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -164,6 +194,9 @@ def _parser() -> argparse.ArgumentParser:
     spdz.add_argument("--epochs", type=POSITIVE, help="encrypted training epochs (default per dataset)")
     spdz.add_argument("--lr", type=POSITIVE_FLOAT, help="learning rate (default per dataset)")
     spdz.add_argument("--json", type=Path, help="also write the figures to this file")
+    spdz.add_argument(
+        "--authenticated", action="store_true", help="the actively secure mode (SPDZ2k MACs, checked)"
+    )
     _data_dir_option(spdz)
 
     table = commands.add_parser("table1", help="the paper's Table 1 (training time per mode), measured here")
@@ -189,26 +222,7 @@ def _parser() -> argparse.ArgumentParser:
         help="mutual TLS on every link, with a throwaway CA and certificates for the workers and the leader",
     )  # fmt: skip
 
-    bench = commands.add_parser("bench", help="benchmarks, each beside its reference")
-    suites = bench.add_subparsers(dest="suite", required=True)
-    pointers = suites.add_parser("pointers", help="cost of a pointer operation on a virtual worker")
-    pointers.add_argument("--json", type=Path, help="also write the figures to this file")
-    pointers.add_argument("--repeats", type=POSITIVE, default=7, help="timed runs; the median is reported")
-    transport = suites.add_parser("transport", help="WebSocket and TCP workers beside the raw transports")
-    transport.add_argument("--json", type=Path, help="also write the figures to this file")
-    transport.add_argument("--repeats", type=POSITIVE, default=5, help="timed runs; the median is reported")
-    transport.add_argument("--tls", action="store_true", help="measure TLS too, beside plaintext")
-    dp = suites.add_parser("dp", help="DP-SGD on the Boston MLP beside non-private plain PyTorch")
-    dp.add_argument("--json", type=Path, help="also write the figures to this file")
-    dp.add_argument("--repeats", type=POSITIVE, default=5, help="timed runs; the median is reported")
-    _data_dir_option(dp)
-    spdz = suites.add_parser("mpc", help="SPDZ operations between worker processes, beside plain PyTorch")
-    spdz.add_argument("--json", type=Path, help="also write the figures to this file")
-    spdz.add_argument(
-        "--png", type=Path, default=Path("results/bench_mpc.png"), help="chart (default %(default)s)"
-    )
-    spdz.add_argument("--repeats", type=POSITIVE, default=5, help="timed runs; the median is reported")
-    spdz.add_argument("--transport", choices=TRANSPORTS, default="tcp")
+    _bench_parser(commands)
 
     fuzzing = commands.add_parser("fuzz", help="hostile frames at a live worker: crashes, hangs, leaks")
     fuzzing.add_argument("--transport", choices=["virtual", "ws", "tcp", "all"], default="all")
@@ -428,7 +442,11 @@ def _run(args: argparse.Namespace) -> None:
         use_data_dir(args.data_dir)
         defaults = MPC_DEFAULTS[args.dataset]
         settings = replace(defaults, epochs=args.epochs or defaults.epochs, lr=args.lr or defaults.lr)
-        figures = asyncio.run(mpc_command(args.dataset, args.parties, args.transport, settings))
+        figures = asyncio.run(
+            mpc_command(
+                args.dataset, args.parties, args.transport, settings, authenticated=args.authenticated
+            )
+        )
         print(format_mpc_result(figures))
         write_json(figures, args.json)
     elif args.command == "table1":
@@ -438,21 +456,32 @@ def _run(args: argparse.Namespace) -> None:
         _run_privacy(args)
     elif args.command == "launch":
         asyncio.run(launch(args.ids, args.transport, args.host, args.port, args.sets, tls=args.tls))
-    elif args.command == "bench" and args.suite == "pointers":
+    elif args.command == "bench":
+        _run_bench(args)
+
+
+def _run_bench(args: argparse.Namespace) -> None:
+    if args.suite == "pointers":
         result = asyncio.run(bench_pointers(args.repeats))
         print(format_pointers(result))
         write_json(result, args.json)
-    elif args.command == "bench" and args.suite == "transport":
+    elif args.suite == "transport":
         results = asyncio.run(bench_transport(args.repeats, tls=args.tls))
         print(format_transport(results))
         write_json(results, args.json)
-    elif args.command == "bench" and args.suite == "dp":
+    elif args.suite == "wide":
+        figures = bench_wide(args.repeats)
+        print(format_wide(figures))
+        write_json(figures, args.json)
+    elif args.suite == "dp":
         use_data_dir(args.data_dir)
         figures = asyncio.run(bench_dp(args.repeats))
         print(format_dp(figures))
         write_json(figures, args.json)
-    elif args.command == "bench" and args.suite == "mpc":
-        figures = asyncio.run(bench_mpc(args.repeats, args.transport))
+    elif args.suite == "mpc":
+        figures = asyncio.run(
+            bench_mpc(args.repeats, args.transport, authenticated=not args.semi_honest_only)
+        )
         print(format_mpc(figures))
         write_json(figures, args.json)
         args.png.parent.mkdir(parents=True, exist_ok=True)
