@@ -26,7 +26,7 @@ import aiohttp
 from aiohttp import web
 
 from actors.log import get_logger
-from actors.tls import TlsConfig, client_side, register_secure_dialer
+from actors.tls import TlsConfig, client_side, register_secure_dialer, serve_tls_connections
 from actors.transport import DialingTransport, FlowControl, register_dialer
 from actors.worker import Worker
 from protocol import DEFAULT_MAX_FRAME, AuthenticationFailed, WorkerLost
@@ -250,13 +250,21 @@ class _GuardedSite(web.BaseSite):
         handlers = self._runner.server
         assert handlers is not None
         # BaseSite.stop() closes self._server; runner.addresses reads its sockets.
-        self._server = await asyncio.get_running_loop().create_server(
-            lambda: _Unauthenticated(handlers()),
-            self._host,
-            self._port,
-            ssl=self._ssl_context,
-            ssl_handshake_timeout=_CONNECT_TIMEOUT if self._ssl_context is not None else None,
-        )
+        if self._ssl_context is None:
+            self._server = await asyncio.get_running_loop().create_server(
+                lambda: _Unauthenticated(handlers()), self._host, self._port
+            )
+        else:  # TLS on the socket itself (actors.tls.TlsSocketTransport), not asyncio's TLS layer
+            self._server = await serve_tls_connections(
+                lambda: _Unauthenticated(handlers()),
+                self._host,
+                self._port,
+                self._ssl_context,
+                handshake_timeout=_CONNECT_TIMEOUT,
+                on_refused=lambda peer, exc: _log.warning(
+                    "TLS handshake failed", peer=str(peer), reason=str(exc)
+                ),
+            )
 
 
 def _bearer(request: web.Request) -> str | None:

@@ -23,6 +23,7 @@ import trustme
 from cryptography import x509
 
 import actors
+import actors.tcp
 from actors.identity import Credentials, new_secret
 from actors.tls import CA_ENV, CERT_ENV, KEY_ENV, InsecureAddress, TlsConfig, issue_certificates
 from protocol import PROTOCOL_VERSION, WorkerLost
@@ -345,3 +346,56 @@ async def test_launched_cluster_runs_over_tls():
         assert torch.equal(await (y * 2).get(), torch.arange(3.0) * 2)
         with pytest.raises(InsecureAddress):
             await actors.connect(_plain(cluster.addresses["bob"]), tls=cluster.tls)
+
+
+# -- the TLS transport of tls:// itself ----------------------------------------------------------
+@pytest.mark.parametrize("transport", NETWORK)
+@bounded(30)
+async def test_large_tensors_cross_tls_intact_both_ways(served, pki, transport):
+    """Frames far larger than a TLS record and than the socket's buffers, both ways and between
+    workers: records are decrypted into a frame's buffer as it grows, and writes the socket cannot
+    take at once resume where they stopped, in order with the small frames sent behind them."""
+    bob_server = await served("bob", transport, pki["bob"])
+    alice_server = await served("alice", transport, pki["alice"])
+    bob, alice = await _leader(bob_server.address, pki["me"]), await _leader(alice_server.address, pki["me"])
+    big = torch.randn(3 << 20)  # 12 MiB
+    x = actors.send(big, bob)
+    await bob.drain()  # the socket cannot take it at once: the write pauses, then resumes
+    small = [actors.send(torch.tensor([float(i)]), bob) for i in range(50)]  # queued behind it
+    y = actors.move(x * 2, alice)
+    assert torch.equal(await y.get(), big * 2)
+    assert [float((await s.get()).item()) for s in small] == [float(i) for i in range(50)]
+    assert torch.equal(await x.get(), big)
+    await bob.close()
+    await alice.close()
+
+
+@bounded(10)
+async def test_a_silent_peer_is_dropped_after_the_tls_handshake_timeout(served, pki, monkeypatch):
+    """A peer that opens a connection to a tls:// worker and never completes the handshake is
+    closed at the timeout; the worker serves others meanwhile and after."""
+    monkeypatch.setattr(actors.tcp, "_HANDSHAKE_TIMEOUT", 0.5)
+    server = await served("bob", "tcp", pki["bob"])
+    port = int(server.address.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await _still_serves(server, pki["me"])
+    started = asyncio.get_running_loop().time()
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, with nothing said
+    assert asyncio.get_running_loop().time() - started < 3
+    writer.close()
+    assert server.worker.sessions == set()
+    await _still_serves(server, pki["me"])
+
+
+@bounded(10)
+async def test_a_server_that_never_answers_the_tls_handshake_fails_the_dial(pki, monkeypatch):
+    monkeypatch.setattr(actors.tcp, "_HANDSHAKE_TIMEOUT", 0.5)
+    accepted: list[asyncio.StreamWriter] = []
+    mute = await asyncio.start_server(lambda r, w: accepted.append(w), "127.0.0.1", 0)
+    port = mute.sockets[0].getsockname()[1]
+    with pytest.raises(WorkerLost, match="TLS handshake"):
+        await _leader(f"tls://127.0.0.1:{port}", pki["me"])
+    for writer in accepted:
+        writer.close()
+    mute.close()
+    await mute.wait_closed()
