@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import mpc
@@ -91,6 +93,43 @@ async def test_operations_match_plain_pytorch(cast: dict[str, Any], transport: s
     for what, shared, expected, bound in cases:
         assert isinstance(shared, spdz2k.AuthenticatedTensor), what
         _close(await shared.get(), expected, bound, what)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.integers(1, 5),
+    inner=st.integers(1, 6),
+    cols=st.integers(1, 4),
+    magnitude=st.sampled_from([1e-3, 1.0, 30.0]),
+    n=st.sampled_from([2, 3]),
+    seed=st.integers(0, 2**16),
+)
+async def test_honest_runs_pass_the_check_for_any_shape_and_magnitude(
+    cast: dict[str, Any],
+    transport: str,
+    rows: int,
+    inner: int,
+    cols: int,
+    magnitude: float,
+    n: int,
+    seed: int,
+) -> None:
+    """Products and linear operations over shapes, signs and magnitudes: every check passes
+    (no false alarm) and every result is the plaintext one within the fixed-point bound."""
+    if transport != "virtual":
+        pytest.skip("hypothesis searches over the virtual transport; the network runs fixed cases")
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, inner, generator=generator, dtype=torch.float64) * magnitude
+    y = torch.randn(rows, inner, generator=generator, dtype=torch.float64) * magnitude
+    w = torch.randn(inner, cols, generator=generator, dtype=torch.float64) * magnitude
+    async with asyncio.timeout(30):
+        session = _session(cast, n)
+        sx, sy, sw = await asyncio.gather(session.share(x), session.share(y), session.share(w))
+        x, y, w = (mpc.decode(mpc.encode(t)).double() for t in (x, y, w))  # what was shared
+        _close(await (sx * sy - sx).get(), x * y - x, (x.abs() + y.abs()) * U + 2 * U, "x * y - x")
+        bound = (x.abs().sum(1, keepdim=True) + w.abs().sum(0)) * U + U
+        _close(await (sx @ sw + 0.5).get(), x @ w + 0.5, bound + U, "x @ w + 0.5")
+        await session.verify()
 
 
 @bounded(60)
