@@ -529,6 +529,8 @@ class Dispatch:
                 label = self._effects(op, sender, target, ids, positions, kwrefs, args, kwargs or {}, label)
         except _DependencyFailed as dependency:
             result, label = dependency.failure, EMPTY
+            if spec is not None and spec.kind == "flow":
+                self._abort_unstarted(spec.name, kwargs, dependency.failure.error)
         except SyftError as exc:
             result, label = Failure(WireError.from_exception(exc, result_id)), EMPTY
             session.error(0, result.error)
@@ -804,6 +806,13 @@ class Dispatch:
 
         future.add_done_callback(done)
         return node
+
+    def _abort_unstarted(self, op: str, kwargs: Any, error: WireError) -> None:
+        """A flow whose input had failed never starts here: its other parties, which would wait
+        for its messages until they time out, hear at once that it failed, and why."""
+        flow = kwargs.get(FLOW_OPTION) if type(kwargs) is dict else None
+        if isinstance(flow, list) and len(flow) == 2 and type(flow[0]) is int and isinstance(flow[1], dict):
+            self._abort_run(flow[0], {str(k): str(v) for k, v in flow[1].items()}, op, error)
 
     def _abort_run(self, flow_id: int, parties: dict[str, str], op: str, error: WireError) -> None:
         """Tell the run's other parties that this one failed, so that none waits for it. The

@@ -16,7 +16,7 @@ import torch
 import actors
 from actors.flows import start_flow
 from actors.registry import command
-from protocol import BadArguments, Flow, PermissionDenied, WorkerLost, published_id
+from protocol import BadArguments, Flow, FlowAborted, PermissionDenied, WorkerLost, published_id
 from tests.conftest import secret_of
 
 DELAY = 0.1
@@ -103,6 +103,21 @@ async def test_a_failed_flow_is_the_failure_of_its_result(alice):
     async with asyncio.timeout(10):
         with pytest.raises(ValueError, match=r"refusing \[7.0\]"):
             await (result + 1)
+
+
+async def test_a_party_whose_input_failed_aborts_the_run_at_once(alice, bob):
+    """alice's part never starts (its input is a failure): bob, waiting for alice's value, hears
+    at once that alice failed, and why, instead of waiting out the receive timeout."""
+    broken = start_flow("test.fail", {alice: ([actors.send(torch.tensor([1.0]), alice)], None)})[alice]
+    y = actors.send(torch.tensor([2.0]), bob)
+    results = swap_run(alice, bob, broken, y)
+    async with asyncio.timeout(10):
+        with pytest.raises(
+            FlowAborted, match=r"alice, a party of this run, failed in test.swap \(ValueError: refusing"
+        ):
+            await results[bob]
+        with pytest.raises(ValueError, match="refusing"):
+            await results[alice]
 
 
 async def test_a_flow_must_be_started_as_one(alice):

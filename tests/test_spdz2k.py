@@ -458,3 +458,32 @@ async def test_material_from_a_provider_other_than_the_session_s_is_refused(cast
             await result.resolve()
     for pointer in keys.values():
         await pointer.resolve()
+
+
+@bounded(60)
+async def test_a_cheat_is_not_forgotten_when_the_check_is_broken_off(
+    cast: dict[str, Any], monkeypatch: pytest.MonkeyPatch, transport: str
+) -> None:
+    """bob cheats on an opening, then makes the check fail with an error of another kind (it
+    claims the run never ran here): alice has already taken the openings off for the check, so
+    the session stops, and no later check can pass with the cheat unchecked."""
+    _in_hand(transport)
+    session = _session(cast)
+    sx = await session.share(torch.randn(2, 2))
+    await sx
+    bob_key = _stored(cast["bob"], session.keys[1])
+    honest = protocols._pending
+
+    def claims_missing(key: Any, runs: Any) -> Any:
+        if key is bob_key:
+            raise BadArguments("runs opened nothing here")
+        return honest(key, runs)
+
+    _cheat_on_opening(monkeypatch, "eps,delta")
+    monkeypatch.setattr(protocols, "_pending", claims_missing)
+    product = sx * sx
+    with pytest.raises((BadArguments, FlowAborted)):
+        await session.verify()
+    monkeypatch.undo()
+    with pytest.raises(CheatingDetected, match="did not complete"):
+        await (product + 1.0).get()

@@ -29,9 +29,11 @@ the leader, who fetches every party's, sees them agree or knows someone lied.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import math
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -271,7 +273,9 @@ async def check(ctx: Context, key: Any, *after: Any, parties: list[str], runs: l
     them to finish)."""
     check_parties(ctx, parties)
     mac_key = check_key(key)
-    await mac_check(ctx, mac_key, parties, _pending(mac_key, runs))
+    entries = _pending(mac_key, runs)
+    with _completes(mac_key):
+        await mac_check(ctx, mac_key, parties, entries)
 
 
 @command("mpc.auth.reveal", command_set=COMMAND_SET, kind="flow")
@@ -287,13 +291,27 @@ async def reveal(
     if rho.value.shape != share.value.shape:
         raise BadArguments(f"the output mask must be of shape {list(share.shape)}")
     entries = _pending(mac_key, runs)
-    value = wide.add(share.value, _times_2_64(rho.value))
-    mac = wide.add(share.mac, _times_2_64(rho.mac))
-    coin = _CoinToss(ctx, parties)  # its commitment leaves with the opening
-    (opened,) = await open_all(ctx, parties, "output", [value], wide.add)
-    entries.append((opened, mac))
-    await mac_check(ctx, mac_key, parties, entries, coin)
+    with _completes(mac_key):
+        value = wide.add(share.value, _times_2_64(rho.value))
+        mac = wide.add(share.mac, _times_2_64(rho.mac))
+        coin = _CoinToss(ctx, parties)  # its commitment leaves with the opening
+        (opened,) = await open_all(ctx, parties, "output", [value], wide.add)
+        entries.append((opened, mac))
+        await mac_check(ctx, mac_key, parties, entries, coin)
     return wide.low(opened).clone()
+
+
+@contextlib.contextmanager
+def _completes(key: MacKey) -> Iterator[None]:
+    """Openings taken off for a check are gone: a check that does not complete leaves them never
+    checked, so the session stops there (else a party could have its cheat forgotten by breaking
+    the check off, with a missing message or an error of another kind)."""
+    try:
+        yield
+    except BaseException as exc:
+        if key.aborted is None:
+            key.aborted = f"a MAC check did not complete ({type(exc).__name__}): its openings went unchecked"
+        raise
 
 
 def _times_2_64(w: torch.Tensor) -> torch.Tensor:
