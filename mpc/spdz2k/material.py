@@ -169,13 +169,9 @@ async def deal(
     derived = _derive(kind, free, options)
     corrections = [wide.sub(value, share) for value, share in zip(derived, others_derived, strict=True)]
     for value, share in zip(free + derived, others_macs, strict=True):
-        corrections.append(wide.sub(wide.mul(aligned_key(alpha, value), value), share))
+        corrections.append(wide.sub(wide.mul(alpha, value), share))
     ctx.send(parties[last], "corrections", corrections)
     return free[0] if kind == "input" else None
-
-
-def aligned_key(key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    return key.reshape(2, *([1] * (value.dim() - 1)))
 
 
 class Parts:

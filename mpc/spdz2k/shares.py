@@ -110,18 +110,6 @@ def check_public(value: Any) -> torch.Tensor:
     return value
 
 
-def aligned(w: torch.Tensor, ndim: int) -> torch.Tensor:
-    """Wide ``w`` with ones inserted after its leading 2 so that its value has ``ndim`` dims:
-    torch broadcasts from the right, and the leading 2 must meet the other's leading 2."""
-    missing = ndim - (w.dim() - 1)
-    return w if missing <= 0 else w.reshape(2, *([1] * missing), *w.shape[1:])
-
-
-def pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    ndim = max(a.dim(), b.dim()) - 1
-    return aligned(a, ndim), aligned(b, ndim)
-
-
 def _dim(d: int) -> int:
     """A dimension of the value as a dimension of its wide tensor (the leading 2 comes first)."""
     return d + 1 if d >= 0 else d
@@ -170,7 +158,7 @@ def add(x: Any, y: Any, negate: bool = False) -> AuthShare:
         raise BadArguments("the two shares belong to different sessions")
     combine = wide.sub if negate else wide.add
     try:
-        return AuthShare(combine(*pair(a.value, b.value)), combine(*pair(a.mac, b.mac)), a.session)
+        return AuthShare(combine(a.value, b.value), combine(a.mac, b.mac), a.session)
     except (RuntimeError, ValueError) as exc:
         raise BadArguments(f"shapes {list(a.shape)} and {list(b.shape)}: {exc}") from exc
 
@@ -198,10 +186,10 @@ def add_public(x: Any, key: Any, public: Any, first: bool, lifted: bool = False)
 
 
 def add_lifted(share: AuthShare, key: MacKey, lifted: torch.Tensor, first: bool) -> AuthShare:
-    value, c = pair(share.value, lifted)
-    shape = torch.broadcast_shapes(value.shape, c.shape)
-    mac, mc = pair(share.mac, key.times(lifted))
-    return AuthShare(wide.add(value, c) if first else value.expand(shape), wide.add(mac, mc), share.session)
+    """``share + c`` for a wide public ``c`` (broadcasting as torch does)."""
+    shape = torch.broadcast_shapes(share.shape, lifted.shape[1:])
+    value = wide.add(share.value, lifted) if first else share.value.expand(2, *shape)
+    return AuthShare(value, wide.add(share.mac, key.times(lifted)), share.session)
 
 
 @command("mpc.auth.mul_public", command_set=COMMAND_SET, context=False)
