@@ -34,7 +34,17 @@ from runners.bench import bench_pointers, bench_transport, format_pointers, form
 from runners.bench_dp import bench_dp, format_dp
 from runners.bench_mpc import bench_mpc, format_mpc, plot_mpc
 from runners.bench_wide import bench_wide, format_wide
-from runners.cluster import FAILED, LEADER, REPORT_ENV, SPIN, is_loopback, launch, run_worker
+from runners.cluster import (
+    BACKENDS,
+    FAILED,
+    LEADER,
+    REPORT_ENV,
+    SPIN,
+    Placement,
+    is_loopback,
+    launch_command,
+    run_worker,
+)
 from runners.datasets import DATA_ENV, SOURCES
 from runners.demo import demo
 from runners.experiments import TRANSPORTS as EXPERIMENT_TRANSPORTS
@@ -89,6 +99,7 @@ POSITIVE = _number(int, "a positive integer", lambda value: value > 0)
 TWO_OR_MORE = _number(int, "an integer of at least 2", lambda value: value >= 2)
 PORT = _number(int, "a port number (0-65535)", lambda value: 0 <= value <= 65535)
 NONNEGATIVE_FLOAT = _number(float, "a number >= 0", lambda value: math.isfinite(value) and value >= 0)
+NONNEGATIVE = _number(int, "an integer >= 0", lambda value: value >= 0)
 POSITIVE_FLOAT = _number(float, "a number > 0", lambda value: math.isfinite(value) and value > 0)
 
 
@@ -171,6 +182,11 @@ def _bench_parser(commands: Any) -> None:
     spdz.add_argument("--repeats", type=POSITIVE, default=5, help="timed runs; the median is reported")
     spdz.add_argument("--transport", choices=TRANSPORTS, default="tcp")
     spdz.add_argument("--semi-honest-only", action="store_true", help="skip the authenticated (SPDZ2k) rows")
+    cluster = suites.add_parser("cluster", help="Table 1 over Ray-placed workers beside local processes")
+    cluster.add_argument("--json", type=Path, help="also write the figures to this file")
+    cluster.add_argument("--repeats", type=POSITIVE, default=5, help="timed runs; the median is reported")
+    cluster.add_argument("--address", help="a running Ray cluster (default: a private one started first)")
+    _data_dir_option(cluster)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -211,16 +227,7 @@ def _parser() -> argparse.ArgumentParser:
 
     _privacy_parsers(commands)
 
-    launch = commands.add_parser("launch", help="start N local worker processes; Ctrl-C stops them")
-    launch.add_argument("--workers", required=True, help="comma-separated ids, e.g. alice,bob,carol")
-    launch.add_argument("--transport", choices=TRANSPORTS, default="ws")
-    launch.add_argument("--host", default="127.0.0.1")
-    launch.add_argument("--port", type=PORT, default=8777, help="first port; the next workers count up")
-    launch.add_argument("--enable", help="command sets the workers serve (default: each worker's default)")
-    launch.add_argument(
-        "--tls", action="store_true",
-        help="mutual TLS on every link, with a throwaway CA and certificates for the workers and the leader",
-    )  # fmt: skip
+    _launch_parser(commands)
 
     _bench_parser(commands)
 
@@ -230,6 +237,117 @@ def _parser() -> argparse.ArgumentParser:
     fuzzing.add_argument("--seed", type=int, default=0, help="the same frames for the same seed")
     fuzzing.add_argument("--json", type=Path, help="also write the figures to this file")
     return parser
+
+
+#: ``aiosyft launch`` options only the Ray backend takes (the Namespace names and their flags).
+RAY_OPTIONS = {"address": "--address", "place": "--place", "owner_resources": "--owner-resources",
+               "cpus": "--cpus", "restart": "--restart", "state_dir": "--state-dir"}  # fmt: skip
+
+
+def _launch_parser(commands: Commands) -> None:
+    launch = commands.add_parser(
+        "launch", help="start N workers (local processes, or actors on a Ray cluster); Ctrl-C stops them"
+    )
+    launch.add_argument("--workers", required=True, help="comma-separated ids, e.g. alice,bob,carol")
+    launch.add_argument("--transport", choices=TRANSPORTS, default="ws")
+    launch.add_argument(
+        "--backend", choices=BACKENDS, default="local",
+        help="local processes (default), or actors a Ray cluster places and restarts (needs '.[ray]')",
+    )  # fmt: skip
+    launch.add_argument("--host", help="where workers listen (default 127.0.0.1; with Ray, their node's IP)")
+    launch.add_argument("--port", type=PORT, default=8777, help="first port; the next workers count up")
+    launch.add_argument("--enable", help="command sets the workers serve (default: each worker's default)")
+    launch.add_argument(
+        "--tls", action="store_true",
+        help="mutual TLS on every link, with a throwaway CA and certificates for the workers and the leader",
+    )  # fmt: skip
+    launch.add_argument("--dataset", choices=sorted(SOURCES), help="worker k loads and holds shard k of it")
+    launch.add_argument("--split", choices=SPLITS, help="how the dataset is split (default round-robin)")
+    launch.add_argument(
+        "--data-dir", help=f"dataset folder on each worker's machine (default: its ${DATA_ENV} or cache)"
+    )
+    ray = launch.add_argument_group("Ray backend (--backend ray)")
+    ray.add_argument(
+        "--address", help="the Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: a private one here)"
+    )
+    ray.add_argument(
+        "--place", action="append", default=[], metavar="WORKER=SPEC",
+        help="where a worker goes: node:ID_OR_IP, pg:NAME[/BUNDLE] or a custom resource (owner:alice[=1])",
+    )  # fmt: skip
+    ray.add_argument(
+        "--owner-resources", action="store_true",
+        help="each worker not --place'd goes to a node offering the resource owner:<its id>",
+    )  # fmt: skip
+    ray.add_argument("--cpus", type=POSITIVE_FLOAT, help="CPUs Ray reserves per worker (default 1)")
+    ray.add_argument("--restart", type=NONNEGATIVE, help="times Ray restarts a worker that dies (default 0)")
+    ray.add_argument(
+        "--state-dir",
+        help="with --release sanitized: each worker's ledger is STATE_DIR/<id>.ledger on its node, kept "
+        "across restarts",
+    )  # fmt: skip
+    launch.add_argument(
+        "--release", choices=RELEASES, help="what may leave of a shard (default model updates)"
+    )
+    launch.add_argument("--epsilon", type=POSITIVE_FLOAT, help="each shard's privacy budget (default 1)")
+    launch.add_argument("--delta", type=POSITIVE_FLOAT, help="the budget's delta (default 1e-5)")
+
+
+def _check_launch(args: argparse.Namespace, refuse: Callable[[str], NoReturn]) -> None:
+    """``aiosyft launch``: the workers' names, and options that only apply to Ray or a dataset."""
+    ids = [name.strip() for name in args.workers.split(",") if name.strip()]
+    if not ids:
+        refuse("--workers names no worker")
+    if len(set(ids)) != len(ids):
+        refuse(f"--workers names a worker twice: {args.workers}")
+    if LEADER in ids:
+        refuse(f"--workers: {LEADER!r} is the leader's identity; name the workers otherwise")
+    if args.port and args.port + len(ids) - 1 > 65535:
+        refuse(f"--port {args.port}: {len(ids)} workers need ports up to {args.port + len(ids) - 1}")
+    args.ids = ids
+    given = [flag for name, flag in RAY_OPTIONS.items() if getattr(args, name) not in (None, False, [])]
+    if given and args.backend != "ray":
+        refuse(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} with --backend ray only")
+    shard_options = [f"--{n.replace('_', '-')}" for n in ("split", "data_dir", "release") if getattr(args, n)]
+    if shard_options and args.dataset is None:
+        refuse(
+            f"{', '.join(shard_options)} only appl{'ies' if len(shard_options) == 1 else 'y'} with --dataset"
+        )
+    budget = [f"--{n.replace('_', '-')}" for n in ("epsilon", "delta", "state_dir") if getattr(args, n)]
+    if budget and args.release != "sanitized":
+        refuse(f"{', '.join(budget)} only appl{'ies' if len(budget) == 1 else 'y'} with --release sanitized")
+    if args.release == "sanitized" and args.backend != "ray":
+        refuse("--release sanitized: launch the owners one by one (aiosyft worker --release sanitized) or "
+               "with --backend ray --state-dir")  # fmt: skip
+    if args.delta is not None and not args.delta < 1:
+        refuse(f"--delta {args.delta}: expected a number below 1")
+    args.federation = None
+    if args.dataset is not None:
+        args.federation = Federation(args.dataset, len(ids), args.split or "round-robin")
+    args.ray_options = {}
+    if args.backend != "ray":
+        return
+    placement: dict[str, Placement] = {}
+    for item in args.place:
+        worker_id, equals, spec = item.partition("=")
+        if not equals or worker_id not in ids:
+            refuse(f"--place {item!r}: expected WORKER=SPEC with WORKER one of --workers")
+        if worker_id in placement:
+            refuse(f"--place: {worker_id} is placed twice")
+        try:
+            placement[worker_id] = Placement.parse(spec)
+        except ValueError as exc:
+            refuse(f"--place {item!r}: {exc}")
+    if args.owner_resources:
+        for worker_id in ids:
+            placement.setdefault(worker_id, Placement(resources={f"owner:{worker_id}": 1.0}))
+    releases = {}
+    if args.release == "sanitized":
+        budget_of = {"epsilon": args.epsilon or 1.0, "delta": args.delta or 1e-5}
+        for worker_id in ids:
+            ledger = str(Path(args.state_dir) / f"{worker_id}.ledger") if args.state_dir else None
+            releases[worker_id] = (Sanitized(**budget_of, ledger=ledger),)
+    args.ray_options = {"address": args.address, "placement": placement, "cpus": args.cpus or 1.0,
+                        "restarts": args.restart or 0, "releases": releases}  # fmt: skip
 
 
 def _worker_parser(commands: Commands) -> None:
@@ -321,16 +439,7 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if command == "worker":
         _check_worker(args, refuse)
     if command == "launch":
-        ids = [name.strip() for name in args.workers.split(",") if name.strip()]
-        if not ids:
-            refuse("--workers names no worker")
-        if len(set(ids)) != len(ids):
-            refuse(f"--workers names a worker twice: {args.workers}")
-        if LEADER in ids:
-            refuse(f"--workers: {LEADER!r} is the leader's identity; name the workers otherwise")
-        if args.port and args.port + len(ids) - 1 > 65535:
-            refuse(f"--port {args.port}: {len(ids)} workers need ports up to {args.port + len(ids) - 1}")
-        args.ids = ids
+        _check_launch(args, refuse)
     if command in ("worker", "launch"):
         args.sets = _sets(args.enable, refuse)
 
@@ -455,7 +564,11 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command in ("table2", "pate"):
         _run_privacy(args)
     elif args.command == "launch":
-        asyncio.run(launch(args.ids, args.transport, args.host, args.port, args.sets, tls=args.tls))
+        launch = launch_command(
+            args.ids, args.transport, args.host, args.port, args.sets, tls=args.tls, backend=args.backend,
+            federation=args.federation, data_dir=args.data_dir, ray_options=args.ray_options,
+        )  # fmt: skip
+        asyncio.run(launch)
     elif args.command == "bench":
         _run_bench(args)
 
@@ -477,6 +590,13 @@ def _run_bench(args: argparse.Namespace) -> None:
         use_data_dir(args.data_dir)
         figures = asyncio.run(bench_dp(args.repeats))
         print(format_dp(figures))
+        write_json(figures, args.json)
+    elif args.suite == "cluster":
+        from runners.bench_cluster import bench_cluster, format_cluster  # noqa: PLC0415 - Ray's bench
+
+        use_data_dir(args.data_dir)
+        figures = asyncio.run(bench_cluster(args.repeats, args.address))
+        print(format_cluster(figures))
         write_json(figures, args.json)
     elif args.suite == "mpc":
         figures = asyncio.run(

@@ -13,6 +13,10 @@ all) has no launcher to outlive and serves until it is signalled.
 A child that cannot start (a port in use, a missing dataset) says why in one ``FAILED <reason>``
 line on its standard output instead of its own error line, and the launcher reports it naming the
 worker, so a failed launch is one line too. Children log at the level their launcher logs.
+
+:func:`launch` is the one entry point for scripts: ``backend="local"`` starts these processes,
+``backend="ray"`` has a Ray cluster place and supervise the same workers
+(:mod:`runners.ray_backend`, imported only then: Ray is optional).
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ import signal
 import stat
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
 import torch
@@ -114,7 +120,7 @@ def settled_heap() -> Iterator[None]:
         gc.unfreeze()
 
 
-async def run_worker(
+async def start_worker(
     worker_id: str,
     transport: str,
     host: str,
@@ -129,9 +135,10 @@ async def run_worker(
     enable: Iterable[str] | None = None,
     grace: float = GRACE,
     tls: TlsConfig | None = None,
-) -> None:
-    """Serve one worker until SIGTERM, SIGINT or, when its standard input is a pipe, the end of it
-    (the launcher is gone).
+) -> actors.Server:
+    """Warm up, load and publish the shard, and serve one worker: everything a worker does before
+    it is ready, shared by a worker process (:func:`run_worker`) and a Ray actor
+    (:mod:`runners.ray_backend`), so a worker placed by Ray is the same worker.
 
     Credentials and the worker's own secret default to what the environment holds (a
     launcher's children); with none, any peer may claim any identity (a warning says so).
@@ -155,9 +162,36 @@ async def run_worker(
         x, y = federation.shards(load(federation.dataset, directory, seed=federation.seed))[shard]
         publish_shard(worker, federation.dataset, x, y, releases)
     server = await actors.serve(worker, transport, host, port)
-    log = get_logger(worker=worker_id)
     if credentials is None:
-        log.warning("no credentials: any peer may claim any identity", address=server.address)
+        get_logger(worker=worker_id).warning(
+            "no credentials: any peer may claim any identity", address=server.address
+        )
+    return server
+
+
+async def run_worker(
+    worker_id: str,
+    transport: str,
+    host: str,
+    port: int,
+    *,
+    credentials: Credentials | None = None,
+    secret: str | None = None,
+    threads: int = 1,
+    data: tuple[Federation, int, str | None] | None = None,
+    releases: tuple[actors.Release, ...] = (actors.ModelUpdates(),),
+    spin: float = SPIN,
+    enable: Iterable[str] | None = None,
+    grace: float = GRACE,
+    tls: TlsConfig | None = None,
+) -> None:
+    """Serve one worker (:func:`start_worker`, whose arguments these are) until SIGTERM, SIGINT
+    or, when its standard input is a pipe, the end of it (the launcher is gone)."""
+    server = await start_worker(
+        worker_id, transport, host, port, credentials=credentials, secret=secret, threads=threads,
+        data=data, releases=releases, spin=spin, enable=enable, grace=grace, tls=tls,
+    )  # fmt: skip
+    log = get_logger(worker=worker_id)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -236,9 +270,11 @@ async def start_processes(
     federation: Federation | None = None,
     enable: Iterable[str] | None = None,
     tls: bool = False,
+    data_dir: str | None = None,
 ) -> Cluster:
     """Start one worker process per id (ports from ``port`` up, or free ports with 0); with a
-    ``federation``, worker k loads and holds shard k of its dataset.
+    ``federation``, worker k loads and holds shard k of its dataset (from ``data_dir``, default
+    ``$AIOSYFT_DATA``).
 
     With ``tls``, a throwaway CA in the cluster's temporary directory certifies each worker and
     the leader (:attr:`Cluster.tls`) for ``host`` and loopback; the workers serve over TLS only
@@ -269,6 +305,7 @@ async def start_processes(
                        "--threads", str(threads)]  # fmt: skip
             if federation is not None:
                 command += federation.worker_arguments(index)
+                command += ["--data-dir", data_dir] if data_dir is not None else []
             if enable is not None:
                 command += ["--enable", ",".join(enable)]
             cluster.processes[worker_id] = await asyncio.create_subprocess_exec(
@@ -328,6 +365,7 @@ async def local_cluster(
     federation: Federation | None = None,
     enable: Iterable[str] | None = None,
     tls: bool = False,
+    data_dir: str | None = None,
 ) -> AsyncIterator[Cluster]:
     """Worker processes on this machine, connected: ``async with local_cluster([...]) as c``.
 
@@ -335,8 +373,9 @@ async def local_cluster(
     With ``tls`` every link (the leader's and the workers' among themselves) is mutual TLS.
     """
     cluster = await start_processes(
-        ids, transport, host=host, port=port, threads=threads, federation=federation, enable=enable, tls=tls
-    )
+        ids, transport, host=host, port=port, threads=threads, federation=federation, enable=enable, tls=tls,
+        data_dir=data_dir,
+    )  # fmt: skip
     try:
         for worker_id in ids:
             address = cluster.addresses[worker_id]
@@ -350,35 +389,146 @@ async def local_cluster(
         await stop_processes(cluster)
 
 
+#: Where :func:`launch` can start workers: processes on this machine, or actors on a Ray cluster.
+BACKENDS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where Ray puts one worker: on a node (its id, or its IP when only one node has it), on a
+    node offering custom ``resources`` (one per data owner is natural: ``{"owner:alice": 1}``),
+    or in a bundle of a named placement group. Unset: wherever Ray finds the CPUs."""
+
+    node: str | None = None
+    resources: Mapping[str, float] = field(default_factory=dict)
+    placement_group: str | None = None
+    bundle: int = -1
+
+    @classmethod
+    def parse(cls, text: str) -> Placement:
+        """``node:ID_OR_IP``, ``pg:NAME[/BUNDLE]`` or ``RESOURCE[=AMOUNT]`` (``owner:alice``):
+        the CLI's ``--place WORKER=SPEC``."""
+        kind, _, rest = text.partition(":")
+        if kind == "node" and rest:
+            return cls(node=rest)
+        if kind == "pg" and rest:
+            name, slash, bundle = rest.partition("/")
+            if slash and not bundle.isdigit():
+                raise ValueError(f"placement {text!r}: the bundle after / is an index")
+            return cls(placement_group=name, bundle=int(bundle) if slash else -1)
+        name, equals, amount = text.partition("=")
+        try:
+            value = float(amount) if equals else 1.0
+        except ValueError:
+            raise ValueError(f"placement {text!r}: the amount after = is a number") from None
+        if not name or not value > 0:
+            raise ValueError(f"placement {text!r}: expected node:ID, pg:NAME[/BUNDLE] or RESOURCE[=AMOUNT]")
+        return cls(resources={name: value})
+
+
+@contextlib.asynccontextmanager
 async def launch(
     ids: list[str],
+    transport: str = "ws",
+    *,
+    backend: str = "local",
+    host: str | None = None,
+    port: int = 0,
+    threads: int = 1,
+    federation: Federation | None = None,
+    data_dir: str | None = None,
+    enable: Iterable[str] | None = None,
+    tls: bool = False,
+    **ray_options: Any,
+) -> AsyncIterator[Cluster]:
+    """Connected workers wherever ``backend`` puts them: ``async with launch(ids) as cluster``.
+
+    ``backend="local"`` (the default) is :func:`local_cluster`: processes on this machine.
+    ``backend="ray"`` places each worker on a Ray cluster (:mod:`runners.ray_backend`), so a
+    script spans a cluster by changing one argument; ``ray_options`` are what only Ray means
+    (``address``, ``placement``, ``cpus``, ``releases``, ``restarts``), see
+    :func:`runners.ray_backend.start_ray_workers`. Everything else (pointers, training, MPC, DP,
+    policy, identities) runs unchanged over the same transports. Ray is imported only here, and
+    only for its backend: the project runs without it installed.
+    """
+    if backend == "local":
+        if ray_options:
+            raise ValueError(f"{', '.join(sorted(ray_options))}: only the Ray backend takes these")
+        async with local_cluster(
+            ids, transport, host=host or "127.0.0.1", port=port, threads=threads, federation=federation,
+            enable=enable, tls=tls, data_dir=data_dir,
+        ) as cluster:  # fmt: skip
+            yield cluster
+    elif backend == "ray":
+        ray_cluster = load_ray_backend().ray_cluster
+        async with ray_cluster(
+            ids, transport, host=host, port=port, threads=threads, federation=federation, data_dir=data_dir,
+            enable=enable, tls=tls, **ray_options,
+        ) as cluster:  # fmt: skip
+            yield cluster
+    else:
+        raise ValueError(f"unknown backend {backend!r}: one of {', '.join(BACKENDS)}")
+
+
+def load_ray_backend() -> Any:
+    """:mod:`runners.ray_backend`, imported on demand: Ray is an optional extra."""
+    try:
+        from runners import ray_backend  # noqa: PLC0415 - Ray is imported for its backend only
+    except ModuleNotFoundError as exc:
+        if exc.name != "ray" and not (exc.name or "").startswith("ray."):
+            raise
+        raise WorkerStartFailed("the Ray backend needs Ray: pip install -e '.[ray]'") from None
+    return ray_backend
+
+
+def _announce(cluster: Cluster) -> None:
+    """Print where the workers are and where the leader's secret (and certificates) are."""
+    for worker_id, address in cluster.addresses.items():
+        print(f"{worker_id} {address}", flush=True)
+    assert cluster.directory is not None and cluster.secret is not None
+    secret_file = Path(cluster.directory.name) / f"{LEADER}.secret"
+    fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(cluster.secret + "\n")
+    print(f"connect as {IDENTITY_ENV}={LEADER} with {SECRET_ENV} from {secret_file}", flush=True)
+    if cluster.tls is not None:
+        exports = " ".join(f"{name}={value}" for name, value in cluster.tls.environment().items())
+        print(f"TLS: the leader's certificates: export {exports}", flush=True)
+
+
+async def launch_command(
+    ids: list[str],
     transport: str,
-    host: str,
+    host: str | None,
     port: int,
     enable: Iterable[str] | None = None,
     *,
     tls: bool = False,
+    backend: str = "local",
+    federation: Federation | None = None,
+    data_dir: str | None = None,
+    ray_options: dict[str, Any] | None = None,
 ) -> None:
-    """``aiosyft launch``: start the workers, print where they are and where the leader's
-    secret (and with ``tls``, its certificates) is, stop them all on a signal, or (raising
-    :class:`WorkerLost`) when one exits."""
+    """``aiosyft launch``: start the workers (with a ``federation``, worker k holding shard k),
+    print where they are and where the leader's secret (and with ``tls``, its certificates) is,
+    stop them all on a signal, or (raising :class:`WorkerLost`) when one exits. With the Ray
+    backend, a worker Ray restarts is announced with its new address, and one lost for good
+    stops them all."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    cluster = await start_processes(ids, transport, host=host, port=port, enable=enable, tls=tls)
+    if backend == "ray":
+        options = {"host": host, "port": port, "enable": enable, "tls": tls, "federation": federation,
+                   "data_dir": data_dir, **(ray_options or {})}  # fmt: skip
+        await _launch_on_ray(ids, transport, options, stop)
+        return
+    cluster = await start_processes(
+        ids, transport, host=host or "127.0.0.1", port=port, enable=enable, tls=tls, federation=federation,
+        data_dir=data_dir,
+    )  # fmt: skip
     try:
-        for worker_id, address in cluster.addresses.items():
-            print(f"{worker_id} {address}", flush=True)
-        assert cluster.directory is not None and cluster.secret is not None
-        secret_file = Path(cluster.directory.name) / f"{LEADER}.secret"
-        fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as file:
-            file.write(cluster.secret + "\n")
-        print(f"connect as {IDENTITY_ENV}={LEADER} with {SECRET_ENV} from {secret_file}", flush=True)
-        if cluster.tls is not None:
-            exports = " ".join(f"{name}={value}" for name, value in cluster.tls.environment().items())
-            print(f"TLS: the leader's certificates: export {exports}", flush=True)
+        _announce(cluster)
         print("ready; Ctrl-C stops every worker", flush=True)
         waiters = [asyncio.ensure_future(stop.wait())]
         waiters += [asyncio.ensure_future(p.wait()) for p in cluster.processes.values()]
@@ -395,3 +545,45 @@ async def launch(
             raise WorkerLost(f"worker {worker_id} exited with status {code}; stopping every worker")
     finally:
         await stop_processes(cluster)
+
+
+async def _launch_on_ray(
+    ids: list[str], transport: str, options: dict[str, Any], stop: asyncio.Event
+) -> None:
+    """``aiosyft launch --backend ray``: as for processes, with Ray's reports of deaths and
+    restarts; every actor is killed on the way out, whatever the way."""
+    cluster = await load_ray_backend().start_ray_workers(ids, transport, **options)
+    restarting: set[asyncio.Future[Any]] = set()
+    stopped = asyncio.ensure_future(stop.wait())
+    loss = asyncio.ensure_future(cluster.next_loss())
+    try:
+        _announce(cluster)
+        for worker_id, placed in cluster.placed.items():
+            print(
+                f"placed: {worker_id} on node {placed.node_id} ({placed.node_ip}), pid {placed.pid}",
+                flush=True,
+            )
+        print("ready; Ctrl-C stops every worker", flush=True)
+        while not stop.is_set():
+            done, _ = await asyncio.wait({stopped, loss, *restarting}, return_when=asyncio.FIRST_COMPLETED)
+            for future in done & restarting:
+                restarting.discard(future)
+                worker_id, placed = future.result()  # one Ray could not restart raises WorkerLost here
+                print(f"{worker_id} {placed.address}", flush=True)
+                print(f"restarted: {worker_id} on node {placed.node_id}, pid {placed.pid}", flush=True)
+            if loss in done:
+                lost = loss.result()
+                assert lost.worker is not None
+                if cluster.deaths[lost.worker] > cluster.restarts:
+                    raise WorkerLost(f"{lost}; no restart left, stopping every worker")
+                print(f"lost: {lost}; Ray restarts it", file=sys.stderr, flush=True)
+                restarting.add(asyncio.ensure_future(_named_serving(cluster, lost.worker)))
+                loss = asyncio.ensure_future(cluster.next_loss())
+    finally:
+        for future in (stopped, loss, *restarting):
+            future.cancel()
+        await cluster.stop()
+
+
+async def _named_serving(cluster: Any, worker_id: str) -> tuple[str, Any]:
+    return worker_id, await cluster.serving(worker_id)
