@@ -22,6 +22,7 @@ computes a privacy bound by hand: epsilon is the library's.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -29,11 +30,21 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import dp_accounting
-from dp_accounting import pld, rdp
+from typing import TYPE_CHECKING, Any
 
 from protocol import BudgetExhausted
+
+if TYPE_CHECKING:
+    import dp_accounting
+
+
+@functools.cache
+def _dp() -> Any:
+    """``dp_accounting``, imported on first use: it brings scipy and takes about 0.75 s, which
+    every worker process would otherwise pay at start whether or not it keeps a budget."""
+    import dp_accounting  # noqa: PLC0415 - see above
+
+    return dp_accounting
 
 
 class _NotConverged(logging.Filter):
@@ -74,13 +85,13 @@ class Plan:
 
     def event(self) -> dp_accounting.DpEvent:
         noise: dp_accounting.DpEvent = (
-            dp_accounting.GaussianDpEvent(self.sigma)
+            _dp().GaussianDpEvent(self.sigma)
             if self.mechanism == "gaussian"
-            else dp_accounting.LaplaceDpEvent(self.sigma)
+            else _dp().LaplaceDpEvent(self.sigma)
         )
         # Without subsampling the bare event: the same RDP for a Gaussian, and the only form the
         # RDP accountant knows for a Laplace mechanism.
-        return noise if self.rate == 1.0 else dp_accounting.PoissonSampledDpEvent(self.rate, noise)
+        return noise if self.rate == 1.0 else _dp().PoissonSampledDpEvent(self.rate, noise)
 
     def describe(self) -> str:
         noise = (
@@ -116,8 +127,8 @@ class Ledger:
 
     # -- what was spent -------------------------------------------------------------------------
     def event(self) -> dp_accounting.DpEvent:
-        return dp_accounting.ComposedDpEvent(
-            [dp_accounting.SelfComposedDpEvent(plan.event(), count) for plan, count in self.lots.items()]
+        return _dp().ComposedDpEvent(
+            [_dp().SelfComposedDpEvent(plan.event(), count) for plan, count in self.lots.items()]
         )
 
     def epsilon(self, delta: float | None = None, accountant: str | None = None) -> float:
@@ -158,10 +169,8 @@ class Ledger:
     def fits(self, charges: Sequence[tuple[Plan, int]]) -> bool:
         """Whether the ledger with ``charges`` added (lots of several plans) stays in the budget."""
         epsilon, delta = self.budget
-        extra = [dp_accounting.SelfComposedDpEvent(plan.event(), n) for plan, n in charges if n > 0]
-        return (
-            _epsilon(dp_accounting.ComposedDpEvent([self.event(), *extra]), delta, self.accountant) <= epsilon
-        )
+        extra = [_dp().SelfComposedDpEvent(plan.event(), n) for plan, n in charges if n > 0]
+        return _epsilon(_dp().ComposedDpEvent([self.event(), *extra]), delta, self.accountant) <= epsilon
 
     def check(self, charges: Sequence[tuple[Plan, int]]) -> None:
         """Refuse (``BudgetExhausted``) unless all of ``charges`` fit together; record nothing.
@@ -237,9 +246,9 @@ class Ledger:
 
 def _epsilon(event: dp_accounting.DpEvent, delta: float, accountant: str) -> float:
     if accountant == "rdp":
-        counter: dp_accounting.PrivacyAccountant = rdp.RdpAccountant()
+        counter: dp_accounting.PrivacyAccountant = _dp().rdp.RdpAccountant()
     elif accountant == "pld":
-        counter = pld.PLDAccountant()
+        counter = _dp().pld.PLDAccountant()
     else:
         raise ValueError(f"unknown accountant {accountant!r}: rdp or pld")
     counter.compose(event)
@@ -261,14 +270,14 @@ def calibrate_sigma(
     the library's calibration, which never returns a value over the target (checked again here)."""
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"unknown accountant {accountant!r}: one of {', '.join(ACCOUNTANTS)}")
-    sigma = dp_accounting.calibrate_dp_mechanism(
-        rdp.RdpAccountant if accountant == "rdp" else pld.PLDAccountant,
-        lambda s: dp_accounting.SelfComposedDpEvent(Plan(rate, s).event(), steps),
+    sigma = _dp().calibrate_dp_mechanism(
+        _dp().rdp.RdpAccountant if accountant == "rdp" else _dp().pld.PLDAccountant,
+        lambda s: _dp().SelfComposedDpEvent(Plan(rate, s).event(), steps),
         epsilon,
         delta,
         tol=tolerance,
     )
-    spent = _epsilon(dp_accounting.SelfComposedDpEvent(Plan(rate, sigma).event(), steps), delta, accountant)
+    spent = _epsilon(_dp().SelfComposedDpEvent(Plan(rate, sigma).event(), steps), delta, accountant)
     if spent > epsilon:  # the library's contract; a violation would be a privacy bug, not noise
         raise RuntimeError(f"calibration returned sigma {sigma} spending {spent} > {epsilon}")
     return float(sigma)
