@@ -259,8 +259,7 @@ class SharedTensor:
         if isinstance(other, SharedTensor):
             return self._beaver("mul", other, self._meta * other._meta)
         public = self._public(other)
-        meta = self._meta * public.to("meta")
-        product = self._like([share * public for share in self.shares], meta)
+        product = self._times_public(public, self._meta * public.to("meta"))
         return product._truncated() if self.precision is not None else product
 
     __rmul__ = __mul__
@@ -269,15 +268,23 @@ class SharedTensor:
         if isinstance(other, SharedTensor):
             return self._beaver("matmul", other, self._meta @ other._meta)
         public = self._public(other)
-        meta = self._meta @ public.to("meta")
-        product = self._like([share @ public for share in self.shares], meta)
+        product = self._matmul_public(public, self._meta @ public.to("meta"))
         return product._truncated() if self.precision is not None else product
 
     def __rmatmul__(self, other: Any) -> SharedTensor:
         public = self._public(other)
-        meta = public.to("meta") @ self._meta
-        product = self._like([call(s.location, "torch.matmul", [public, s]) for s in self.shares], meta)
+        product = self._matmul_public(public, public.to("meta") @ self._meta, left=True)
         return product._truncated() if self.precision is not None else product
+
+    def _times_public(self, public: torch.Tensor, meta: torch.Tensor) -> SharedTensor:
+        """Every share times a public ring value (linear: no communication, no truncation)."""
+        return self._like([share * public for share in self.shares], meta)
+
+    def _matmul_public(self, public: torch.Tensor, meta: torch.Tensor, left: bool = False) -> SharedTensor:
+        """Every share by a public ring matrix, ``share @ public`` (``public @ share`` if ``left``)."""
+        if left:
+            return self._like([call(s.location, "torch.matmul", [public, s]) for s in self.shares], meta)
+        return self._like([share @ public for share in self.shares], meta)
 
     def matmul(self, other: Any) -> SharedTensor:
         return self @ other
@@ -292,8 +299,7 @@ class SharedTensor:
         extra = min(max(0, 20 - math.floor(math.log2(abs(factor))) - self.precision), 46 - self.precision)
         bits = self.precision + max(extra, 0)
         public = encode(torch.tensor(float(factor), dtype=torch.float64), bits)
-        scaled = self._like([share * public for share in self.shares], self._meta)
-        return scaled._truncated(bits)
+        return self._times_public(public, self._meta)._truncated(bits)
 
     def combine(self, terms: Sequence[tuple[float, SharedTensor]], constant: float = 0.0) -> SharedTensor:
         """``constant + sum(c * t for c, t in terms)`` with public real ``c``: one truncation for
@@ -304,7 +310,7 @@ class SharedTensor:
         for coefficient, term in terms:
             self._check_peer(term)
             public = encode(torch.tensor(float(coefficient)), self.precision)
-            scaled = term._like([share * public for share in term.shares], term._meta)
+            scaled = term._times_public(public, term._meta)
             total = scaled if total is None else total + scaled
         if total is None:
             raise ValueError("combine needs at least one term")

@@ -17,7 +17,6 @@ two parties too (local truncation cannot carry MACs), and four rounds per check.
 from __future__ import annotations
 
 import asyncio
-import math
 import secrets
 from collections.abc import Sequence
 from typing import Any
@@ -29,7 +28,7 @@ from actors.flows import start_flow
 from actors.pointer import PointerTensor, call, new_object_id
 from mpc import wide
 from mpc.nn import SharedModule, _leaves
-from mpc.ring import PRECISION, decode, encode
+from mpc.ring import PRECISION, decode
 from mpc.tensor import FREE, MATERIAL_FLOWS, Cost, SharedTensor, _quietly, _ring_of
 from protocol import CheatingDetected, OutputsDisagree
 
@@ -208,9 +207,13 @@ class AuthenticatedTensor(SharedTensor):
     def __neg__(self) -> AuthenticatedTensor:
         return self._like(self._each("mpc.auth.neg"), self._meta)
 
-    def _by_public(self, public: torch.Tensor) -> AuthenticatedTensor:
-        meta = self._meta * public.to("meta")
+    def _times_public(self, public: torch.Tensor, meta: torch.Tensor) -> AuthenticatedTensor:
         return self._like(self._each("mpc.auth.mul_public", public), meta)
+
+    def _matmul_public(
+        self, public: torch.Tensor, meta: torch.Tensor, left: bool = False
+    ) -> AuthenticatedTensor:
+        return self._like(self._each("mpc.auth.matmul_public", public, left), meta)
 
     def __mul__(self, other: Any) -> SharedTensor:
         if isinstance(other, SharedTensor):
@@ -220,49 +223,9 @@ class AuthenticatedTensor(SharedTensor):
                     f"authenticated products take operands of one shape, got {list(self.shape)} and "
                     f"{list(other.shape)}: expand one first"
                 )
-            return self._beaver("mul", other, self._meta * other._meta)
-        product = self._by_public(self._public(other))
-        return product._truncated() if self.precision is not None else product
+        return super().__mul__(other)
 
     __rmul__ = __mul__
-
-    def __matmul__(self, other: Any) -> SharedTensor:
-        if isinstance(other, SharedTensor):
-            return self._beaver("matmul", other, self._meta @ other._meta)
-        public = self._public(other)
-        product = self._like(self._each("mpc.auth.matmul_public", public), self._meta @ public.to("meta"))
-        return product._truncated() if self.precision is not None else product
-
-    def __rmatmul__(self, other: Any) -> SharedTensor:
-        public = self._public(other)
-        product = self._like(
-            self._each("mpc.auth.matmul_public", public, True), public.to("meta") @ self._meta
-        )
-        return product._truncated() if self.precision is not None else product
-
-    def scale(self, factor: float) -> SharedTensor:
-        """As :meth:`SharedTensor.scale`: the factor with extra fractional bits, one truncation."""
-        if self.precision is None:
-            raise TypeError("scaling by a real number needs fixed precision")
-        if factor == 0:
-            return self * 0
-        extra = min(max(0, 20 - math.floor(math.log2(abs(factor))) - self.precision), 46 - self.precision)
-        bits = self.precision + max(extra, 0)
-        public = encode(torch.tensor(float(factor), dtype=torch.float64), bits)
-        return self._like(self._each("mpc.auth.mul_public", public), self._meta)._truncated(bits)
-
-    def combine(self, terms: Sequence[tuple[float, SharedTensor]], constant: float = 0.0) -> SharedTensor:
-        if self.precision is None:
-            raise TypeError("a combination with real coefficients needs fixed precision")
-        total: SharedTensor | None = None
-        for coefficient, term in terms:
-            self._check_peer(term)
-            assert isinstance(term, AuthenticatedTensor)
-            scaled = term._by_public(encode(torch.tensor(float(coefficient)), self.precision))
-            total = scaled if total is None else total + scaled
-        if total is None:
-            raise ValueError("combine needs at least one term")
-        return total._truncated() + constant
 
     def conv2d(self, weight: Any, stride: Any = 1, padding: Any = 0) -> SharedTensor:
         raise TypeError("convolutions are not available in the authenticated mode yet")
