@@ -49,7 +49,9 @@ async def _settle(result: Any) -> None:
         await tensor
 
 
-def _plaintext_seconds(fn: Callable[[], Any], repeats: int) -> float:
+def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    """The median of ``repeats`` timed calls of ``fn``, after one untimed (allocator warm,
+    kernels compiled)."""
     fn()
     samples = []
     for _ in range(repeats):
@@ -109,7 +111,7 @@ async def _measure(
         "bytes": online_bytes + material_bytes,
         "online_bytes": online_bytes,
         "material_bytes": material_bytes,
-        "plaintext_seconds": _plaintext_seconds(plain, repeats),
+        "plaintext_seconds": median_seconds(plain, repeats),
         "peer_seconds": PEER_SECONDS[name],
     }
 

@@ -8,26 +8,15 @@ timing needs no secure randomness.
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from mpc import wide
+from runners.bench_mpc import median_seconds
 
 _MILLION = 1 << 20
-
-
-def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # first call: allocator warm, kernels compiled
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def _words(*shape: int) -> torch.Tensor:
@@ -59,8 +48,8 @@ def bench_wide(repeats: int = 7) -> dict[str, Any]:
     try:
         results = {}
         for name, (wide_op, int64_op) in _cases().items():
-            wide_s = _median_seconds(wide_op, repeats)
-            int64_s = _median_seconds(int64_op, repeats)
+            wide_s = median_seconds(wide_op, repeats)
+            int64_s = median_seconds(int64_op, repeats)
             results[name] = {"wide_s": wide_s, "int64_s": int64_s, "ratio": wide_s / int64_s}
     finally:
         torch.set_num_threads(threads)
