@@ -24,6 +24,7 @@ from torch import nn
 
 import mpc
 from actors.flows import start_flow
+from actors.pointer import call
 from mpc import spdz2k, wide
 from mpc.spdz2k import protocols
 from mpc.spdz2k.material import AuthMaterial
@@ -234,10 +235,62 @@ async def test_a_share_or_key_never_leaves_its_party(cast: dict[str, Any], trans
     session = _session(cast)
     sx = await session.share(torch.randn(2, 2))
     await sx
-    for pointer in (sx.shares[1], session.keys[1]):
-        with pytest.raises(SyftError):
+    share, key = sx.shares[1], session.keys[1]
+    for pointer in (share, key):
+        with pytest.raises(BadArguments, match=r"cannot send an object of type mpc\.spdz2k"):
             await pointer.fetch()
-    assert isinstance(_stored(cast["bob"], sx.shares[1]), AuthShare)
+    # nor through the tensor allowlist or the semi-honest protocols: none takes one
+    attempts = [
+        share + 0,
+        share.data,
+        share.reshape(-1),
+        call(cast["bob"], "mpc.truncate_share", [share, 16, 1]),
+    ]
+    for attempt in attempts:
+        with pytest.raises(SyftError):
+            await attempt.fetch()
+    assert isinstance(_stored(cast["bob"], share), AuthShare)
+
+
+@bounded(60)
+async def test_what_a_party_sees_of_an_input_or_an_output_is_masked(
+    cast: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bob records what it is sent: the leader's masked input ``x - r`` and the opened output.
+    The same ``x`` shared twice shows bob two unrelated values, neither of them ``x``; the same
+    value revealed twice shows the same low word (the output, which the parties are meant to
+    learn) under two unrelated high words (the lift, which would tell how it was computed)."""
+    seen: dict[str, list[torch.Tensor]] = {"input": [], "output": []}
+    honest_add, honest_open = protocols.add_lifted, protocols.open_all
+
+    def add_lifted(share: Any, key: Any, lifted: torch.Tensor, first: bool) -> Any:
+        if not first:  # bob, the second of two parties, taking the public x - r
+            seen["input"].append(lifted.clone())
+        return honest_add(share, key, lifted, first)
+
+    async def open_all(
+        ctx: Any, parties: list[str], tag: str, values: list[torch.Tensor], add: Any = None
+    ) -> Any:
+        opened = await honest_open(ctx, parties, tag, values, add)
+        if ctx.me == "bob" and tag == "output":
+            seen["output"].append(opened[0].clone())
+        return opened
+
+    monkeypatch.setattr(protocols, "add_lifted", add_lifted)
+    monkeypatch.setattr(protocols, "open_all", open_all)
+    x = torch.tensor([1.5, -2.0, 3.25])
+    session = _session(cast)
+    shared = [await session.share(x) for _ in range(2)]
+    for tensor in shared:
+        await tensor
+    encoded = mpc.encode(x)
+    first, second = seen["input"]
+    assert not bool((wide.low(first) == encoded).any()) and not bool((wide.low(second) == encoded).any())
+    assert not bool((first == second).any()), "the same input was masked the same way twice"
+    assert torch.equal(await shared[0].get(), x) and torch.equal(await shared[0].get(), x)
+    one, two = seen["output"]
+    assert torch.equal(one[0], encoded) and torch.equal(two[0], encoded)  # the output itself
+    assert not bool((one[1] == two[1]).any()), "the output's high word was not masked afresh"
 
 
 def _cheat_on_opening(monkeypatch: pytest.MonkeyPatch, tag: str, error: int = 1, high: bool = False) -> None:
